@@ -1,0 +1,42 @@
+"""dppo_verl: DPPO loss modes for verl 0.9.1.
+
+``import dppo_verl`` (done by verl itself in every process through the ``verl.plugins`` entry point)
+registers ``dppo_{tv,kl}_{binary,topk}`` (plus ``dppo_<name>_*`` for every registered divergence) in verl's
+policy-loss registry and installs the actor integration. Idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+__all__ = ["install", "LOSS_MODES"]
+
+logger = logging.getLogger("dppo_verl")
+
+
+def install() -> None:
+    """Register the loss modes and apply the verl integrations (idempotent; errors are logged, then raised)."""
+    try:
+        from ._compat import check_verl_version
+
+        check_verl_version()
+        from .losses import register_loss_modes
+        from .integrations.actor import apply_ppo_loss_wrapper
+
+        register_loss_modes()
+        apply_ppo_loss_wrapper()
+    except Exception:
+        # verl swallows plugin import errors at DEBUG level: make sure the failure is visible.
+        logger.exception("dppo_verl failed to install into verl")
+        raise
+
+
+def loss_modes() -> list[str]:
+    from .ops.divergence import divergence_names
+
+    return [f"dppo_{n}_{e}" for n in divergence_names() for e in ("binary", "topk")]
+
+
+install()
+LOSS_MODES = tuple(loss_modes())

@@ -1,0 +1,50 @@
+"""The hand-off from the actor integration to the policy loss (SPEC: "How mu reaches the loss").
+
+verl 0.9.1's ``ppo_loss`` passes a policy loss exactly seven arguments and never ``rollout_log_probs``, and
+the FSDP logits hook can only return per-token scalars. So the actor integration's ``ppo_loss`` wrapper
+(the producer) reads what DPPO needs from the micro-batch, puts it in a :class:`HandOff`, and runs verl's
+``ppo_loss`` inside :func:`handoff_scope`; the DPPO losses (the consumers) read it with
+:func:`current_handoff`. A ``ContextVar`` keeps concurrent micro-batches (threads, asyncio) apart.
+
+All tensors are per response token, ``[B, T]`` in the padded layout the policy loss receives.
+Batch / model-output keys (contract names): ``rollout_log_probs``, ``dppo_divergence``,
+``dppo_support_size``, ``dppo_ddot``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = ["HandOff", "handoff_scope", "current_handoff", "TOKEN_OUTPUT_KEYS"]
+
+# Per-token outputs of the Top-K logits hook (keys of verl's model_output).
+TOKEN_OUTPUT_KEYS = ("dppo_divergence", "dppo_support_size", "dppo_ddot")
+
+
+@dataclass
+class HandOff:
+    rollout_log_probs: Optional[torch.Tensor] = None  # [B, T] log mu(a_t)
+    divergence: Optional[torch.Tensor] = None  # [B, T] dppo_divergence (Top-K modes)
+    support_size: Optional[torch.Tensor] = None  # [B, T] dppo_support_size (valid slots, 1..K+1)
+    ddot: Optional[torch.Tensor] = None  # [B, T] dppo_ddot (direction=predictive)
+
+
+_CURRENT: ContextVar[Optional[HandOff]] = ContextVar("dppo_verl_handoff", default=None)
+
+
+@contextmanager
+def handoff_scope(handoff: HandOff) -> Iterator[HandOff]:
+    token = _CURRENT.set(handoff)
+    try:
+        yield handoff
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_handoff() -> Optional[HandOff]:
+    return _CURRENT.get()

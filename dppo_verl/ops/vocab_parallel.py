@@ -1,0 +1,164 @@
+"""Exact log pi at global token ids from tensor-parallel (vocab-sharded) logits. Forward-only.
+
+Notation: ``N`` rows (packed tokens), ``M`` ids per row (K + 1 support slots), ``V`` full vocabulary,
+``V_local = V / tp``. Rank r holds the logits of global ids ``[r * V_local, (r + 1) * V_local)`` (Megatron's
+``VocabUtility`` convention).
+
+Pipeline (SPEC, "Vocab-parallel evaluation"); every all-reduce is a no-op at tp = 1 / ``tp_group=None``::
+
+    1. stream the shard in row chunks: per row the local log-sum-exp  l_r = log sum_j exp(x_j)   [N]
+       (optionally the predictive statistic  q_r = sum_{j not in S} exp(2 (x_j - l_r))            [N])
+       and the logits at the ids that fall in this shard (0 elsewhere)                         [N, M]
+    2. all-reduce MAX  of l_r                          -> L                                     [N]
+    3. all-reduce SUM  of [exp(l_r - L), exp(2 (l_r - L)) q_r]  -> [S1, S2]                      [N, 1 or 2]
+       lse = L + log S1;  sum_{j not in S} pi_j^2 = S2 / S1^2
+    4. all-reduce SUM  of the gathered logits                                                   [N, M]
+       log pi(ids) = gathered - lse
+
+Communication: 2N + N*M floats (+ N for the optional statistic, folded into step 3). The paper authors' fork
+calls ``log_softmax`` on the local shard with global ids instead, which is right only at tp = 1.
+
+Memory: the shard is never converted to fp32 as a whole (an ``N x V_local`` fp32 copy is 10 GB at
+N = 16k, V = 152k). Rows are processed in chunks sized from ``chunk_bytes``, so the peak extra memory is
+O(chunk * V_local + N * M). The inputs are never modified.
+
+Naive equivalent (tp = 1)::
+
+    torch.log_softmax(logits.float(), -1).gather(-1, ids)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from .checks import check_shape
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "VocabParallelStats", "vocab_parallel_logprobs", "vocab_parallel_stats"]
+
+# Budget for the per-chunk fp32 temporaries (the fp32 copy of a row chunk and logsumexp's exp buffer).
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+_TEMPS_PER_ELEMENT = 3  # fp32 copy + exp buffer (+ the optional squared-probability buffer)
+
+
+class VocabParallelStats(NamedTuple):
+    logp: torch.Tensor  # [N, M] fp32, log pi at the global ids (full-vocabulary normalisation)
+    lse: torch.Tensor  # [N] fp32, full-vocabulary log-sum-exp of the logits
+    rest_sq: Optional[torch.Tensor]  # [N] fp32, sum_{j not in S} pi_j^2 when requested, else None
+
+
+def _group_size_rank(tp_group) -> tuple[int, int]:
+    if tp_group is None:
+        return 1, 0
+    return dist.get_world_size(tp_group), dist.get_rank(tp_group)
+
+
+def _chunk_rows(v_local: int, chunk_bytes: int) -> int:
+    return max(1, int(chunk_bytes) // (v_local * 4 * _TEMPS_PER_ELEMENT))
+
+
+def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> None:
+    check_shape("logits", logits, [None, None])
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point (bf16/fp16/fp32), got dtype {logits.dtype}")
+    check_shape("ids", ids, [logits.shape[0], None])
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be int32 or int64 global token ids, got dtype {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"ids (shape {list(ids.shape)}) out of range [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}"
+        )
+
+
+def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes):
+    """Step 1 on this shard: local log-sum-exp [N] and, when ``exclude`` is given, q_r [N].
+
+    ``exclude`` [N, M] bool marks the support slots (in this shard) left out of the squared-probability sum.
+    """
+    n, v_local = logits.shape
+    rows = _chunk_rows(v_local, chunk_bytes)
+    lse_local = torch.empty(n, dtype=torch.float32, device=logits.device)
+    rest_sq = torch.empty(n, dtype=torch.float32, device=logits.device) if exclude is not None else None
+    for s in range(0, n, rows):
+        x = logits[s : s + rows].float()  # [c, V_local] fp32: a copy for bf16/fp16, a view for fp32
+        lse_c = torch.logsumexp(x, dim=-1)  # [c]
+        lse_local[s : s + rows] = lse_c
+        if exclude is not None:
+            # exp(2 (x - l_r)) <= 1: never exp(x)^2, which overflows fp32. Support ids are zeroed by scatter,
+            # so duplicates cannot be subtracted twice (no sum_all - sum_S cancellation either).
+            sq = torch.exp(2.0 * (x - lse_c.unsqueeze(-1)))  # [c, V_local]
+            drop = exclude[s : s + rows] & in_shard[s : s + rows]  # [c, M]
+            r_idx = torch.arange(drop.shape[0], device=drop.device).unsqueeze(-1).expand_as(drop)
+            sq[r_idx[drop], local_ids[s : s + rows][drop]] = 0.0
+            rest_sq[s : s + rows] = sq.sum(-1)
+    return lse_local, rest_sq
+
+
+@torch.no_grad()
+def vocab_parallel_stats(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    tp_group=None,
+    sq_exclude: Optional[torch.Tensor] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> VocabParallelStats:
+    """log pi at ``ids``, the full-vocabulary logsumexp and (optionally) the predictive statistic.
+
+    Args:
+        logits: ``[N, V_local]`` bf16/fp16/fp32, this rank's vocabulary shard. Read-only.
+        ids: ``[N, M]`` int32/int64 *global* ids in ``[0, V_local * tp)``.
+        tp_group: the tensor-parallel process group; None or a size-1 group computes locally.
+        sq_exclude: ``[N, M]`` bool; when given, also return ``sum_{j not in S} pi_j^2`` with
+            ``S = {ids[n, m] : sq_exclude[n, m]}`` (one extra float per row in the second all-reduce).
+        chunk_bytes: budget for the per-chunk fp32 temporaries.
+
+    Returns:
+        :class:`VocabParallelStats` (fp32). Not differentiable: the divergence only drives a mask.
+    """
+    tp, rank = _group_size_rank(tp_group)
+    n, v_local = logits.shape if logits.dim() == 2 else (None, None)
+    _validate(logits, ids, (v_local or 0) * tp)
+    if sq_exclude is not None:
+        check_shape("sq_exclude", sq_exclude, list(ids.shape))
+    ids = ids.long()
+    lo = rank * v_local
+    in_shard = (ids >= lo) & (ids < lo + v_local)  # [N, M]
+    local_ids = torch.where(in_shard, ids - lo, 0)  # [N, M]
+
+    lse_r, q_r = _local_pass(logits, local_ids, in_shard, sq_exclude, chunk_bytes)
+    gathered = torch.where(in_shard, logits.gather(1, local_ids).float(), 0.0)  # [N, M]
+
+    if tp > 1:
+        lse_max = lse_r.clone()
+        dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=tp_group)  # step 2
+        scale = torch.exp(lse_r - lse_max)  # [N], <= 1
+        cols = [scale] if q_r is None else [scale, scale * scale * q_r]
+        sums = torch.stack(cols, dim=-1)  # [N, 1 or 2]
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=tp_group)  # step 3
+        lse = lse_max + torch.log(sums[:, 0])
+        rest_sq = None if q_r is None else sums[:, 1] / sums[:, 0].square()
+        dist.all_reduce(gathered, op=dist.ReduceOp.SUM, group=tp_group)  # step 4
+    else:
+        lse, rest_sq = lse_r, q_r
+
+    # Checked on the [N] result, not by another pass over the logits.
+    if not bool(torch.isfinite(lse).all()):
+        bad = (~torch.isfinite(lse)).nonzero()[:, 0]
+        raise ValueError(
+            f"logits (shape {list(logits.shape)}) give a non-finite log-sum-exp at {bad.numel()} rows "
+            f"(first: row {int(bad[0])}, value {float(lse[bad[0]])}): the logits contain NaN or inf"
+        )
+    return VocabParallelStats(gathered - lse.unsqueeze(-1), lse, rest_sq)
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> torch.Tensor:
+    """``[N, M]`` fp32 log-softmax over the full vocabulary evaluated at global ``ids``. Forward-only.
+
+    See :func:`vocab_parallel_stats` for arguments; use it when the logsumexp is needed too.
+    """
+    return vocab_parallel_stats(logits, ids, tp_group=tp_group, chunk_bytes=chunk_bytes).logp

@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import reference`
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_actor_config(policy_loss=None, **overrides):
+    """A real verl ActorConfig, as verl's own policy-loss tests build it."""
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    kw = dict(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        loss_agg_mode="token-mean",
+        policy_loss=policy_loss if policy_loss is not None else PolicyLossConfig(loss_mode="dppo_tv_binary"),
+    )
+    kw.update(overrides)
+    return ActorConfig(**kw)
