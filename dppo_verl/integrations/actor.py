@@ -53,7 +53,9 @@ def _retype_max_metrics(metrics: dict) -> None:
     for key in MAX_METRICS:
         m = metrics.get(key)
         if isinstance(m, Metric) and m.aggregation != AggregationType.MAX:
-            metrics[key] = Metric(AggregationType.MAX, list(m.values))
+            retyped = Metric(AggregationType.MAX)
+            retyped.values = list(m.values)
+            metrics[key] = retyped
 
 
 def _wrap(orig):

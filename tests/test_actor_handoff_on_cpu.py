@@ -1,0 +1,101 @@
+"""The ppo_loss wrapper: verl's real ppo_loss, fed a verl-shaped micro-batch, hands mu to the DPPO loss."""
+
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from conftest import make_actor_config
+from dppo_verl.config import DPPOPolicyLossConfig
+
+B, P, R = 2, 3, 4
+RESP_LENS = [4, 2]
+
+
+def _micro_batch(with_rollout=True):
+    from verl.utils import tensordict_utils as tu
+
+    attn = torch.ones(B, P + R, dtype=torch.long)
+    attn[1, P + RESP_LENS[1] :] = 0
+    resp_mask = attn[:, P:].clone()
+    td = {
+        "prompts": torch.randint(0, 50, (B, P)),
+        "responses": torch.randint(0, 50, (B, R)),
+        "attention_mask": attn,
+        "response_mask": resp_mask,
+        "old_log_probs": torch.full((B, R), -2.0),
+        "advantages": torch.tensor([[1.0] * R, [-1.0] * R]),
+    }
+    if with_rollout:
+        td["rollout_log_probs"] = torch.tensor([[-1.0, -1.5, -0.2, -3.0], [-0.5, -2.5, 0.0, 0.0]])
+    data = TensorDict(td, batch_size=[B])
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(resp_mask.sum()), global_batch_size=B)
+    return data
+
+
+def _model_output():
+    # packed (no padding) log-probs: row t of a sequence predicts token t + 1
+    n = sum(P + r for r in RESP_LENS)
+    lp = -torch.rand(n) * 2
+    return {"log_probs": lp.clone().requires_grad_(True)}
+
+
+def test_wrapper_hands_rollout_logprobs_and_keeps_max_metrics():
+    import verl.workers.utils.losses as L
+    from verl.utils.metric import AggregationType
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    assert hasattr(L.ppo_loss, "dppo_wrapped"), "import dppo_verl must wrap verl's ppo_loss"
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", delta_low=0.05, delta_high=0.05))
+    data, out = _micro_batch(), _model_output()
+    loss, metrics = L.ppo_loss(cfg, out, data)
+    # independent recomputation on the padded layout, anchor = rollout_log_probs (not old_log_probs)
+    lp = no_padding_2_padding(out["log_probs"], data).detach()
+    mu = data["rollout_log_probs"]
+    mask = data["response_mask"].bool()
+    adv = data["advantages"]
+    total = 0.0
+    for b in range(B):
+        for t in range(R):
+            if not mask[b, t]:
+                continue
+            p, q, a = math.exp(lp[b, t]), math.exp(mu[b, t]), float(adv[b, t])
+            d = abs(p - q)
+            keep = not ((a > 0 and p > q and d > 0.05) or (a < 0 and p < q and d > 0.05))
+            total += -a * min(p / q, 20.0) * keep * float(lp[b, t])
+    assert loss.item() == pytest.approx(total / int(mask.sum()), rel=1e-5)
+    assert metrics["actor/dppo/divergence_max"].aggregation == AggregationType.MAX
+    assert metrics["actor/dppo/ratio_max"].aggregation == AggregationType.MAX
+    assert metrics["actor/dppo/masked_frac"].aggregation == AggregationType.MEAN
+
+
+def test_wrapper_without_rollout_logprobs_raises():
+    import verl.workers.utils.losses as L
+
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_kl_binary"))
+    with pytest.raises(ValueError, match="rollout_log_probs"):
+        L.ppo_loss(cfg, _model_output(), _micro_batch(with_rollout=False))
+
+
+def test_other_modes_are_untouched():
+    import verl.workers.utils.losses as L
+    from verl.workers.config import PolicyLossConfig
+
+    cfg = make_actor_config(PolicyLossConfig(loss_mode="vanilla"))
+    data, out = _micro_batch(), _model_output()
+    loss, _ = L.ppo_loss(cfg, out, data)
+    loss2, _ = L.ppo_loss.dppo_wrapped(cfg, out, data)
+    assert loss.item() == loss2.item()
+
+
+def test_apply_is_idempotent():
+    import verl.workers.utils.losses as L
+
+    from dppo_verl.integrations import APPLIED
+    from dppo_verl.integrations.actor import apply_ppo_loss_wrapper
+
+    before = L.ppo_loss
+    apply_ppo_loss_wrapper()
+    apply_ppo_loss_wrapper()
+    assert L.ppo_loss is before and APPLIED["ppo_loss_wrapper"]
