@@ -43,17 +43,17 @@ def _tolerance(logits):
     return 1e-5 + EPS32 * lse  # SPEC: fp32 log-softmax at V ~ 152k is a few 1e-6 off fp64
 
 
-def _check_against_reference(rank, tp, group, dtype, chunk_bytes):
+def _check_against_reference(rank, tp, group, dtype, chunk_bytes, backend):
     logits, ids = _case(dtype, tp)
     v_local = V // tp
     shard = logits[:, rank * v_local : (rank + 1) * v_local].clone()
     before = shard.clone()
-    got = vocab_parallel_logprobs(shard, ids.int(), tp_group=group, chunk_bytes=chunk_bytes)
+    got = vocab_parallel_logprobs(shard, ids.int(), tp_group=group, chunk_bytes=chunk_bytes, backend=backend)
     assert torch.equal(shard, before), "the input shard was modified"
     want = _reference(dtype, tp)  # fp64 of the (possibly bf16) logits
     assert got.dtype == torch.float32 and got.shape == (N, ids.shape[1])
     err = (got.double() - want).abs()
-    assert bool((err <= _tolerance(logits)).all()), f"max err {err.max():.3e} ({dtype}, tp={tp})"
+    assert bool((err <= _tolerance(logits)).all()), f"max err {err.max():.3e} ({dtype}, tp={tp}, {backend})"
 
 
 def _check_rest_sq(rank, tp, group):
@@ -121,8 +121,9 @@ def _check_collectives(rank, tp, group):
 def _worker(rank, tp):
     group = dist.new_group(list(range(tp)))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        _check_against_reference(rank, tp, group, dtype, chunk_bytes=4 << 20)  # several chunks
-    _check_against_reference(rank, tp, group, torch.float32, chunk_bytes=1)  # one row per chunk
+        _check_against_reference(rank, tp, group, dtype, chunk_bytes=4 << 20, backend="eager")  # several chunks
+        _check_against_reference(rank, tp, group, dtype, chunk_bytes=4 << 20, backend="compile")
+    _check_against_reference(rank, tp, group, torch.float32, chunk_bytes=1, backend="eager")  # one row per chunk
     _check_rest_sq(rank, tp, group)
     if tp > 1:
         _check_collectives(rank, tp, group)
@@ -167,3 +168,17 @@ def test_no_grad_and_forward_only():
     logits = torch.randn(3, 50, requires_grad=True)
     out = vocab_parallel_logprobs(logits, torch.zeros(3, 1, dtype=torch.long))
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_masked_vocab_padding_and_strided_shards(backend):
+    """-inf logits (padded vocabulary) in whole blocks, and a shard that is a strided column slice."""
+    full = torch.randn(5, 2 * 8192) * 3
+    full[:, 8192 - 4096 :] = float("-inf")  # the tail of the first half is masked padding
+    ids = torch.randint(0, 4096, (5, 4))
+    shard = full[:, :8192]  # not contiguous: row stride 16384
+    got = vocab_parallel_logprobs(shard, ids, backend=backend)
+    want = ref.logprobs_at(shard.contiguous(), ids)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    got = vocab_parallel_logprobs(full[:, ::2], ids, backend=backend)  # column stride 2
+    torch.testing.assert_close(got.double(), ref.logprobs_at(full[:, ::2].contiguous(), ids), rtol=0, atol=1e-5)

@@ -6,7 +6,7 @@ Notation: ``N`` rows (packed tokens), ``M`` ids per row (K + 1 support slots), `
 
 Pipeline (SPEC, "Vocab-parallel evaluation"); every all-reduce is a no-op at tp = 1 / ``tp_group=None``::
 
-    1. stream the shard in row chunks: per row the local log-sum-exp  l_r = log sum_j exp(x_j)   [N]
+    1. read the shard once (compiled: one fused kernel; eager: row chunks): per row the local log-sum-exp  l_r = log sum_j exp(x_j)   [N]
        (optionally the predictive statistic  q_r = sum_{j not in S} exp(2 (x_j - l_r))            [N])
        and the logits at the ids that fall in this shard (0 elsewhere)                         [N, M]
     2. all-reduce MAX  of l_r                          -> L                                     [N]
@@ -19,8 +19,10 @@ Communication: 2N + N*M floats (+ N for the optional statistic, folded into step
 calls ``log_softmax`` on the local shard with global ids instead, which is right only at tp = 1.
 
 Memory: the shard is never converted to fp32 as a whole (an ``N x V_local`` fp32 copy is 10 GB at
-N = 16k, V = 152k). Rows are processed in chunks sized from ``chunk_bytes``, so the peak extra memory is
-O(chunk * V_local + N * M). The inputs are never modified.
+N = 16k, V = 152k). The compiled backend (default) fuses the cast into the reduction and keeps no
+per-element temporary; the eager backend (reference, fallback) and the optional statistic process rows in
+chunks sized from ``chunk_bytes``, so the peak extra memory is O(chunk * V_local + N * M). The inputs are
+never modified.
 
 Naive equivalent (tp = 1)::
 
@@ -29,6 +31,7 @@ Naive equivalent (tp = 1)::
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Optional
 
 import torch
@@ -36,11 +39,72 @@ import torch.distributed as dist
 
 from .checks import check_shape
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "VocabParallelStats", "vocab_parallel_logprobs", "vocab_parallel_stats"]
+__all__ = ["BACKENDS", "DEFAULT_CHUNK_BYTES", "VocabParallelStats", "vocab_parallel_logprobs", "vocab_parallel_stats"]
 
-# Budget for the per-chunk fp32 temporaries (the fp32 copy of a row chunk and logsumexp's exp buffer).
-DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+# Budget for the per-chunk fp32 temporaries of the eager path (the fp32 copy of a row chunk and logsumexp's
+# exp buffer). The compiled path fuses cast, max and exp-sum into one kernel and materialises none of them.
+# CPU: chunks that stay in the last-level cache were fastest (8 MiB on a 32 MiB-L3 EPYC, measured with
+# benchmarks/bench_vocab_parallel.py); accelerators: larger chunks amortise kernel launches.
+DEFAULT_CHUNK_BYTES = {"cpu": 8 * 1024 * 1024}
+_DEFAULT_CHUNK_BYTES_ACCEL = 256 * 1024 * 1024
 _TEMPS_PER_ELEMENT = 3  # fp32 copy + exp buffer (+ the optional squared-probability buffer)
+BACKENDS = ("auto", "compile", "eager")
+logger = logging.getLogger(__name__)
+
+
+def _lse_eager(x: torch.Tensor) -> torch.Tensor:
+    """``[c, V_local]`` any float dtype -> ``[c]`` fp32 log-sum-exp (the slow obvious path)."""
+    return torch.logsumexp(x.float(), dim=-1)
+
+
+def _lse_blocked(x3: torch.Tensor) -> torch.Tensor:
+    """``[c, nb, B]`` (a free view of ``[c, V_local]``) -> ``[c]`` fp32 log-sum-exp, compiled.
+
+    Two levels (per block of B, then across the nb blocks) instead of one running sum over V_local: a single
+    fp32 accumulator over ~152k terms drifts by ~1e-5, the two-level sum stays at ~1e-6. Blocks that are
+    entirely -inf (masked vocabulary padding) get a 0 shift so that -inf - -inf never makes a NaN.
+    """
+    xf = x3.float()
+    m = xf.amax(-1, keepdim=True)  # [c, nb, 1]
+    m = torch.where(m == float("-inf"), 0.0, m)
+    s = (xf - m).exp().sum(-1)  # [c, nb]
+    mb = m[..., 0]
+    big = mb.amax(-1, keepdim=True)  # [c, 1]
+    return big[:, 0] + (s * (mb - big).exp()).sum(-1).log()
+
+
+def _block_view(x: torch.Tensor) -> torch.Tensor:
+    """``[c, V_local]`` -> ``[c, nb, B]`` without a copy, B the largest divisor of V_local <= 4096."""
+    c, v = x.shape
+    if x.stride(-1) != 1:
+        return x.unsqueeze(1)  # cannot view without a copy: one block
+    b = next(d for d in range(min(v, 4096), 0, -1) if v % d == 0)
+    if b < 64:  # awkward V_local (e.g. prime): one block per row rather than tiny ones
+        b = v
+    return x.view(c, v // b, b) if x.stride(0) == v or c <= 1 else x.as_strided((c, v // b, b), (x.stride(0), b, 1))
+
+
+_compiled_lse = None
+_compile_failed = False
+
+
+def _call_lse(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Per-row local log-sum-exp ``[c]``; ``auto`` compiles once and falls back to eager with a warning."""
+    global _compiled_lse, _compile_failed
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "eager" or (backend == "auto" and _compile_failed):
+        return _lse_eager(x)
+    if _compiled_lse is None:
+        _compiled_lse = torch.compile(_lse_blocked, dynamic=True)
+    try:
+        return _compiled_lse(_block_view(x))
+    except Exception as e:  # inductor unavailable (no compiler, unsupported device): same math, eager
+        if backend == "compile":
+            raise
+        _compile_failed = True
+        logger.warning("dppo_verl: torch.compile of the vocab-parallel logsumexp failed (%s); using eager", e)
+        return _lse_eager(x)
 
 
 class VocabParallelStats(NamedTuple):
@@ -55,7 +119,9 @@ def _group_size_rank(tp_group) -> tuple[int, int]:
     return dist.get_world_size(tp_group), dist.get_rank(tp_group)
 
 
-def _chunk_rows(v_local: int, chunk_bytes: int) -> int:
+def _chunk_rows(v_local: int, chunk_bytes: Optional[int], device: torch.device) -> int:
+    if chunk_bytes is None:
+        chunk_bytes = DEFAULT_CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES_ACCEL)
     return max(1, int(chunk_bytes) // (v_local * 4 * _TEMPS_PER_ELEMENT))
 
 
@@ -72,20 +138,23 @@ def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> None:
         )
 
 
-def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes):
+def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes, backend):
     """Step 1 on this shard: local log-sum-exp [N] and, when ``exclude`` is given, q_r [N].
 
     ``exclude`` [N, M] bool marks the support slots (in this shard) left out of the squared-probability sum.
     """
     n, v_local = logits.shape
-    rows = _chunk_rows(v_local, chunk_bytes)
+    if backend != "eager" and exclude is None:
+        # The compiled lse fuses cast, max and exp-sum: no per-element temporary, so no chunking needed.
+        return _call_lse(logits, backend), None  # [N]
+    rows = _chunk_rows(v_local, chunk_bytes, logits.device)
     lse_local = torch.empty(n, dtype=torch.float32, device=logits.device)
     rest_sq = torch.empty(n, dtype=torch.float32, device=logits.device) if exclude is not None else None
     for s in range(0, n, rows):
-        x = logits[s : s + rows].float()  # [c, V_local] fp32: a copy for bf16/fp16, a view for fp32
-        lse_c = torch.logsumexp(x, dim=-1)  # [c]
+        lse_c = _call_lse(logits[s : s + rows], backend)  # [c]
         lse_local[s : s + rows] = lse_c
         if exclude is not None:
+            x = logits[s : s + rows].float()  # [c, V_local] fp32: a copy for bf16/fp16, a view for fp32
             # exp(2 (x - l_r)) <= 1: never exp(x)^2, which overflows fp32. Support ids are zeroed by scatter,
             # so duplicates cannot be subtracted twice (no sum_all - sum_S cancellation either).
             sq = torch.exp(2.0 * (x - lse_c.unsqueeze(-1)))  # [c, V_local]
@@ -103,7 +172,8 @@ def vocab_parallel_stats(
     *,
     tp_group=None,
     sq_exclude: Optional[torch.Tensor] = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
+    backend: str = "auto",
 ) -> VocabParallelStats:
     """log pi at ``ids``, the full-vocabulary logsumexp and (optionally) the predictive statistic.
 
@@ -113,7 +183,10 @@ def vocab_parallel_stats(
         tp_group: the tensor-parallel process group; None or a size-1 group computes locally.
         sq_exclude: ``[N, M]`` bool; when given, also return ``sum_{j not in S} pi_j^2`` with
             ``S = {ids[n, m] : sq_exclude[n, m]}`` (one extra float per row in the second all-reduce).
-        chunk_bytes: budget for the per-chunk fp32 temporaries.
+        chunk_bytes: budget for the per-chunk fp32 temporaries (eager path and the optional statistic);
+            None picks a per-device default (``DEFAULT_CHUNK_BYTES``).
+        backend: ``compile`` (torch.compile'd fused cast + logsumexp: one read, no temporaries), ``eager``
+            (row chunks, the reference path), ``auto`` (compile; eager with a warning if compiling fails).
 
     Returns:
         :class:`VocabParallelStats` (fp32). Not differentiable: the divergence only drives a mask.
@@ -128,7 +201,7 @@ def vocab_parallel_stats(
     in_shard = (ids >= lo) & (ids < lo + v_local)  # [N, M]
     local_ids = torch.where(in_shard, ids - lo, 0)  # [N, M]
 
-    lse_r, q_r = _local_pass(logits, local_ids, in_shard, sq_exclude, chunk_bytes)
+    lse_r, q_r = _local_pass(logits, local_ids, in_shard, sq_exclude, chunk_bytes, backend)
     gathered = torch.where(in_shard, logits.gather(1, local_ids).float(), 0.0)  # [N, M]
 
     if tp > 1:
@@ -155,10 +228,15 @@ def vocab_parallel_stats(
 
 
 def vocab_parallel_logprobs(
-    logits: torch.Tensor, ids: torch.Tensor, *, tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    tp_group=None,
+    chunk_bytes: Optional[int] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``[N, M]`` fp32 log-softmax over the full vocabulary evaluated at global ``ids``. Forward-only.
 
     See :func:`vocab_parallel_stats` for arguments; use it when the logsumexp is needed too.
     """
-    return vocab_parallel_stats(logits, ids, tp_group=tp_group, chunk_bytes=chunk_bytes).logp
+    return vocab_parallel_stats(logits, ids, tp_group=tp_group, chunk_bytes=chunk_bytes, backend=backend).logp
