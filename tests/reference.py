@@ -73,3 +73,9 @@ def dppo_token_grad_coeff(logp: float, mu_logp: float, adv: float, keep: bool, c
     """d loss_t / d log pi_t = -A_t * min(r_t, C) * M_t (Eq. 11 with truncated IS), in fp64."""
     r = math.exp(logp - mu_logp)
     return -adv * min(r, cap) * (1.0 if keep else 0.0)
+
+
+def dense_logprobs_fp32(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The obvious fp32 implementation users write today (the benchmark's ``reference`` provider):
+    a full ``N x V`` fp32 copy and a full ``N x V`` log-softmax, then a gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.long())

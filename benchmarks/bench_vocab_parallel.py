@@ -1,0 +1,194 @@
+"""Benchmark: log pi at K + 1 ids from a vocabulary shard. Providers share one setup factory.
+
+Providers:
+  reference   torch.log_softmax(logits.float(), -1).gather(-1, ids)  (eager; tests/reference.py)
+  dppo        dppo_verl.ops.vocab_parallel_logprobs, compiled backend (the default)
+  dppo_eager  the same op, eager row-chunked backend
+  read_floor  logits.amax(-1): one read of the logits, the lower bound for any exact method
+
+Each (provider, N, dtype) runs in a fresh subprocess: warm-up (includes torch.compile), then the timed
+repetitions; on CPU the peak extra memory is the rise of the process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs) above its RSS after the inputs exist; on CUDA it is torch.cuda.max_memory_allocated.
+Results go to JSON stamped with machine, torch version, commit and sizes.
+
+  python benchmarks/bench_vocab_parallel.py                      # CPU: N in {512, 2048, 8192}
+  python benchmarks/bench_vocab_parallel.py --device cuda        # GPU: N in {4096, 16384, 32768}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+V_QWEN3 = 151936  # Qwen3 vocabulary
+K = 20
+PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor")
+
+
+def _setup_vocab_parallel(n: int, v: int, k: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Logits ``[N, V]`` and ``[N, K + 1]`` ids (top-K of the logits plus a random 'sampled' id)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.empty(n, v, dtype=dtype, device=device)
+    for s in range(0, n, 256):  # fill in slices: no N x V fp32 temporary before the measurement
+        logits[s : s + 256] = (torch.randn(min(256, n - s), v, generator=g) * 3.0).to(dtype)
+    ids = torch.cat([logits[:, :4096].float().topk(k, dim=-1).indices, torch.randint(0, v, (n, 1), generator=g).to(device)], 1)
+    return logits, ids
+
+
+def _provider(name: str):
+    import reference as ref
+    from dppo_verl.ops.vocab_parallel import vocab_parallel_logprobs
+
+    return {
+        "reference": ref.dense_logprobs_fp32,
+        "dppo": lambda x, i: vocab_parallel_logprobs(x, i, backend="compile"),
+        "dppo_eager": lambda x, i: vocab_parallel_logprobs(x, i, backend="eager"),
+        "read_floor": lambda x, i: x.amax(-1),
+    }[name]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(provider: str, n: int, dtype_name: str, device: str, reps: int) -> dict:
+    """Measure one configuration in this process (called in a fresh subprocess)."""
+    import gc
+
+    import reference as ref
+
+    dtype = getattr(torch, dtype_name)
+    logits, ids = _setup_vocab_parallel(n, V_QWEN3, K, dtype, device)
+    fn = _provider(provider)
+    out = fn(logits, ids)  # warm-up, compile
+    err = None
+    if provider.startswith("dppo"):
+        rows = slice(0, min(n, 64))
+        err = float((out[rows].double().cpu() - ref.logprobs_at(logits[rows].cpu(), ids[rows].cpu())).abs().max())
+    del out
+    gc.collect()
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _rss_kib("VmRSS") * 1024
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn(logits, ids)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        del out
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024
+    return dict(provider=provider, N=n, dtype=dtype_name, median_ms=1e3 * statistics.median(times),
+                reps=reps, extra_mib=max(0, peak - base) / 2**20, max_abs_err_vs_fp64=err)
+
+
+def _machine(device: str) -> dict:
+    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+                threads=torch.get_num_threads(), cpus=os.cpu_count())
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--", "dppo_verl"], cwd=ROOT, text=True).strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sizes", type=int, nargs="+")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", help="JSON path (default benchmarks/results/vocab_parallel_<device>.json)")
+    p.add_argument("--one", nargs=3, metavar=("PROVIDER", "N", "DTYPE"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(run_one(a.one[0], int(a.one[1]), a.one[2], a.device, a.reps)))
+        return 0
+    sizes = a.sizes or ([512, 2048, 8192] if a.device == "cpu" else [4096, 16384, 32768])
+    results = []
+    for dtype in a.dtypes:
+        for n in sizes:
+            for prov in a.providers:
+                reps = a.reps if n <= 2048 or prov != "reference" else max(3, a.reps // 2)
+                cmd = [sys.executable, __file__, "--device", a.device, "--reps", str(reps), "--one", prov, str(n), dtype]
+                res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if res.returncode != 0:
+                    print(res.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"benchmark subprocess failed: {' '.join(cmd)}")
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                results.append(r)
+                print(f"{dtype:9s} N={n:6d} {prov:11s} {r['median_ms']:10.1f} ms  extra {r['extra_mib']:9.1f} MiB"
+                      + (f"  err {r['max_abs_err_vs_fp64']:.1e}" if r["max_abs_err_vs_fp64"] is not None else ""), flush=True)
+    summary = _ratios(results)
+    for line in summary:
+        print(line)
+    doc = dict(benchmark="vocab_parallel_logprobs", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               device=a.device, machine=_machine(a.device), commit=_commit(), V=V_QWEN3, K=K, M=K + 1,
+               results=results, summary=summary)
+    out = a.out or os.path.join(HERE, "results", f"vocab_parallel_{a.device}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print("wrote", out)
+    return 0
+
+
+def _ratios(results) -> list[str]:
+    by = {(r["provider"], r["N"], r["dtype"]): r for r in results}
+    lines = []
+    for (prov, n, dt), r in sorted(by.items()):
+        ref = by.get(("reference", n, dt))
+        floor = by.get(("read_floor", n, dt))
+        if prov != "dppo" or ref is None:
+            continue
+        line = (f"{dt} N={n}: dppo is {ref['median_ms'] / r['median_ms']:.2f}x faster than reference, "
+                f"extra memory {r['extra_mib']:.1f} MiB = 1/{ref['extra_mib'] / max(r['extra_mib'], 1e-3):.0f} of reference's")
+        if floor is not None:
+            line += f", {r['median_ms'] / floor['median_ms']:.2f}x the one-read floor"
+        lines.append(line)
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
