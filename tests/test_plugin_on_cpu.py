@@ -1,0 +1,84 @@
+"""Plugin loading: entry point, idempotence, loud version check, and the ops layer's purity."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODES = ["dppo_tv_binary", "dppo_kl_binary", "dppo_tv_topk", "dppo_kl_topk"]
+
+
+def _py(code, **env):
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env={**os.environ, **env})
+
+
+def test_import_verl_alone_registers_modes_through_entry_point():
+    """What every Ray worker does: `import verl`, nothing of ours, and the modes must be there."""
+    r = _py("import sys, verl\nfrom verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R\n"
+            "print(sorted(k for k in R if k.startswith('dppo_') and k.count('_') == 2), 'dppo_verl' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{sorted(MODES)} True"
+    r = _py("import verl\nfrom verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R\nprint('dppo_tv_topk' in R)",
+            VERL_USE_EXTERNAL_PLUGINS="none")
+    assert r.stdout.strip() == "False"  # proves the entry point (not something else) did it
+
+
+def test_done_when_command():
+    r = _py("import dppo_verl\nfrom verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
+            "print(get_policy_loss_fn('dppo_tv_topk').dppo_loss_mode)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "dppo_tv_topk"
+
+
+def test_install_is_idempotent():
+    import dppo_verl
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    before = {m: POLICY_LOSS_REGISTRY[m] for m in MODES}
+    dppo_verl.install()
+    dppo_verl.install()
+    assert all(POLICY_LOSS_REGISTRY[m] is before[m] for m in MODES)
+
+
+def test_foreign_registration_is_refused():
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    from dppo_verl.losses import _register_modes_for
+    from dppo_verl.ops.divergence import get_divergence
+
+    saved = POLICY_LOSS_REGISTRY["dppo_tv_binary"]
+    POLICY_LOSS_REGISTRY["dppo_tv_binary"] = lambda *a, **k: None
+    try:
+        with pytest.raises(ValueError, match="already registered.*refusing to overwrite"):
+            _register_modes_for(get_divergence("tv"))
+    finally:
+        POLICY_LOSS_REGISTRY["dppo_tv_binary"] = saved
+
+
+def test_wrong_verl_version_is_loud(monkeypatch, caplog):
+    import verl
+
+    from dppo_verl._compat import check_verl_version
+
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    with pytest.raises(ImportError, match=r"verl 0\.9\.x \(verl==0\.9\.1\); the installed verl is 0\.10\.0"):
+        check_verl_version()
+    assert "verl==0.9.1" in caplog.text  # logged at ERROR too: verl hides plugin import errors at DEBUG
+
+
+def test_ops_layer_imports_neither_verl_nor_megatron():
+    for path in (ROOT / "dppo_verl" / "ops").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for n in names:
+                assert n.split(".")[0] not in ("verl", "megatron"), f"{path.name} imports {n}"
