@@ -22,10 +22,11 @@ def install() -> None:
 
         check_verl_version()
         from .losses import register_loss_modes
-        from .integrations.actor import apply_ppo_loss_wrapper
+        from .integrations.actor import apply_ppo_loss_wrapper, apply_train_batch_topk_flag
 
         register_loss_modes()
         apply_ppo_loss_wrapper()
+        apply_train_batch_topk_flag()
     except Exception:
         # verl swallows plugin import errors at DEBUG level: make sure the failure is visible.
         logger.exception("dppo_verl failed to install into verl")

@@ -90,7 +90,13 @@ def _check_mode_knobs(loss_mode: str, estimator: str, anchor: str, direction: st
             f"policy_loss.anchor=old is not available for {loss_mode}: the Top-K support and its mu come from the "
             "rollout engine, there is no recomputed pi_old distribution; use anchor=rollout or a binary mode"
         )
-    if estimator == "binary" and direction == "predictive":
+    if direction == "predictive":
+        # SPEC's exact full-softmax D-dot needs the sum_{j not in S} pi_j^2 statistic (vocab_parallel_stats
+        # computes it); the hook and its derivation tests arrive with the "Beyond the paper" issue.
+        raise ValueError(
+            f"policy_loss.direction=predictive is not available yet for {loss_mode}; use direction=sampled"
+        )
+    if estimator == "binary" and direction == "predictive":  # kept for when predictive lands
         raise ValueError(
             f"policy_loss.direction=predictive is defined for Top-K modes only, not {loss_mode}; use direction=sampled"
         )

@@ -209,8 +209,8 @@ def test_config_validation():
         DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", delta_high=-0.1)
     with pytest.raises(ValueError, match="anchor=old is not available for dppo_tv_topk"):
         DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", anchor="old")
-    with pytest.raises(ValueError, match="direction=predictive is defined for Top-K modes only"):
-        DPPOPolicyLossConfig(loss_mode="dppo_kl_binary", direction="predictive")
+    with pytest.raises(ValueError, match="direction=predictive is not available yet"):
+        DPPOPolicyLossConfig(loss_mode="dppo_kl_topk", direction="predictive")
 
 
 def test_plain_policy_loss_config_takes_defaults():

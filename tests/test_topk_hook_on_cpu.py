@@ -1,0 +1,106 @@
+"""The Top-K logits hook (FSDP calling convention) against the dense fp64 partition divergence."""
+
+import pytest
+import torch
+
+from conftest import make_actor_config
+from dppo_verl.config import DPPOPolicyLossConfig
+from topk_batch import make_topk_batch, nested
+
+V, K = 3000, 8
+PROMPTS, RESPS = [3, 5, 2], [4, 2, 6]
+ATOL = 5e-6  # fp32 log-probs turned into probabilities and summed over <= K + 2 cells (see test_divergence)
+
+
+def _ppo_loss():
+    import verl.workers.utils.losses as L
+
+    return L.ppo_loss
+
+
+def _response_rows(values, data, truth):
+    """Packed per-row [N] -> [B, R] at the rows that predict response tokens."""
+    out = torch.zeros_like(truth["div"]["tv"])
+    for b, (p, r) in enumerate(zip(PROMPTS, RESPS)):
+        start = truth["offsets"][b] + p - 1
+        out[b, :r] = values[start : start + r].double()
+    return out
+
+
+@pytest.mark.parametrize("name", ["tv", "kl"])
+@pytest.mark.parametrize("nested_layout", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hook_divergence_matches_reference(name, nested_layout, dtype):
+    data, truth = make_topk_batch(PROMPTS, RESPS, V, K, nested_layout=nested_layout)
+    if dtype == torch.bfloat16:  # the truth must be computed from the logits the hook actually sees
+        data, truth = make_topk_batch(PROMPTS, RESPS, V, K, nested_layout=nested_layout,
+                                      pi_logits=truth["pi_logits"].to(dtype).double())
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode=f"dppo_{name}_topk", num_topk=K))
+    logits = truth["pi_logits"].to(dtype).unsqueeze(0)  # [1, N, V], as FSDP hands it over
+    before = logits.clone()
+    out = _ppo_loss()(cfg, student_logits=logits, data=data)
+    assert torch.equal(logits, before)
+    assert set(out) == {"dppo_divergence", "dppo_support_size"}
+    n = logits.shape[1]
+    assert out["dppo_divergence"].shape == (1, n) and out["dppo_support_size"].shape == (1, n)
+    got = _response_rows(out["dppo_divergence"][0], data, truth)
+    torch.testing.assert_close(got, truth["div"][name], rtol=0, atol=ATOL)
+    size = _response_rows(out["dppo_support_size"][0], data, truth)
+    torch.testing.assert_close(size.float(), truth["support_size"])
+    assert bool((size[truth["support_size"] > 0] > 1).all())  # Top-K, not binary
+
+
+def test_hook_output_reaches_the_loss():
+    """model_output carries the hook's nested per-row scalars; the wrapper hands them to the loss."""
+    from verl.utils import tensordict_utils as tu
+
+    data, truth = make_topk_batch(PROMPTS, RESPS, V, K, spread=1.5)
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", num_topk=K, delta_low=0.05, delta_high=0.05))
+    logits = truth["pi_logits"].float().unsqueeze(0)
+    out = _ppo_loss()(cfg, student_logits=logits, data=data)
+    cu = torch.tensor(truth["offsets"])
+    ids = data["input_ids"].values()
+    lp = torch.log_softmax(logits[0], -1).gather(-1, torch.roll(ids, -1)[:, None])[:, 0]
+    model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(lp, cu)}
+    for key, v in out.items():
+        model_output[key] = torch.nested.nested_tensor_from_jagged(v[0], cu)
+    data["old_log_probs"] = nested([torch.zeros(r) for r in RESPS])
+    data["advantages"] = nested([torch.randn(r) for r in RESPS])
+    n_tok = int(data["response_mask"].values().sum())
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=n_tok, global_batch_size=len(PROMPTS))
+    loss, metrics = _ppo_loss()(cfg, model_output, data)
+    mask = truth["support_size"] > 0
+    assert metrics["actor/dppo/divergence_mean"].aggregate() == pytest.approx(float(truth["div"]["tv"][mask].mean()), abs=ATOL)
+    assert metrics["actor/dppo/divergence_max"].aggregate() == pytest.approx(float(truth["div"]["tv"][mask].max()), abs=ATOL)
+    assert metrics["actor/dppo/support_size"].aggregate() == pytest.approx(float(truth["support_size"][mask].mean()))
+    assert 0 < metrics["actor/dppo/masked_frac"].aggregate() < 1
+    assert torch.isfinite(loss)
+
+
+def test_missing_topk_tensors_and_k_mismatch():
+    data, truth = make_topk_batch(PROMPTS, RESPS, V, K)
+    logits = truth["pi_logits"].float().unsqueeze(0)
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_kl_topk", num_topk=K + 1))
+    with pytest.raises(ValueError, match=rf"expected \[{K + 1}\].*dppo_num_topk={K + 1}"):
+        _ppo_loss()(cfg, student_logits=logits, data=data)
+    del data["rollout_topk_ids"]
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_kl_topk", num_topk=K))
+    with pytest.raises(ValueError, match=r"needs batch keys \['rollout_topk_ids'\].*never falls back"):
+        _ppo_loss()(cfg, student_logits=logits, data=data)
+
+
+def test_ids_out_of_range_and_nan_topk_logprobs():
+    data, truth = make_topk_batch(PROMPTS, RESPS, V, K)
+    logits = truth["pi_logits"].float().unsqueeze(0)
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", num_topk=K))
+    bad = data["rollout_topk_ids"].values().clone()
+    bad[3, 2] = V + 7
+    data["rollout_topk_ids"] = torch.nested.nested_tensor_from_jagged(bad, data["rollout_topk_ids"].offsets())
+    with pytest.raises(ValueError, match=rf"rollout_topk_ids .* outside \[0, {V}\): {V + 7}"):
+        _ppo_loss()(cfg, student_logits=logits, data=data)
+    data, truth = make_topk_batch(PROMPTS, RESPS, V, K)
+    bad = data["rollout_topk_logprobs"].values().clone()
+    bad[0, 0] = float("nan")
+    data["rollout_topk_logprobs"] = torch.nested.nested_tensor_from_jagged(bad, data["rollout_topk_logprobs"].offsets())
+    with pytest.raises(ValueError, match="rollout_topk_logprobs .* NaN"):
+        _ppo_loss()(cfg, student_logits=logits, data=data)
