@@ -96,10 +96,6 @@ def _check_mode_knobs(loss_mode: str, estimator: str, anchor: str, direction: st
         raise ValueError(
             f"policy_loss.direction=predictive is not available yet for {loss_mode}; use direction=sampled"
         )
-    if estimator == "binary" and direction == "predictive":  # kept for when predictive lands
-        raise ValueError(
-            f"policy_loss.direction=predictive is defined for Top-K modes only, not {loss_mode}; use direction=sampled"
-        )
 
 
 @dataclass(frozen=True)
