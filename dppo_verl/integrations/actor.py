@@ -119,6 +119,18 @@ def loss_mode_of(loss_function) -> str | None:
     return None if policy_loss is None else policy_loss.get("loss_mode", None)
 
 
+def _refuse_engine_modes(engine, data) -> None:
+    """First-use twins of the launch-time rules (:mod:`.rules`) that the engine itself can see."""
+    from verl.utils import tensordict_utils as tu
+
+    if tu.get_non_tensor_data(data=data, key="distillation_use_topk", default=False):
+        raise ValueError("Top-K DPPO cannot run together with top-K distillation: set distillation.enabled=False")
+    if tu.get_non_tensor_data(data=data, key="use_fused_kernels", default=False):
+        raise ValueError("Top-K DPPO needs the logits: set actor_rollout_ref.model.use_fused_kernels=False")
+    if getattr(engine, "pad_to_length", False):
+        raise ValueError("Top-K DPPO cannot run with pad_to_length: set actor_rollout_ref.actor.fsdp_config.pad_to_length=False")
+
+
 def _wrap_train_batch(orig):
     @functools.wraps(orig)
     def train_batch(self, data, loss_function):
@@ -126,8 +138,7 @@ def _wrap_train_batch(orig):
         if parsed is not None and parsed[1] == "topk":
             from verl.utils import tensordict_utils as tu
 
-            if tu.get_non_tensor_data(data=data, key="distillation_use_topk", default=False):
-                raise ValueError("Top-K DPPO cannot run together with top-K distillation (distillation.enabled=True)")
+            _refuse_engine_modes(self, data)
             missing = [k for k in TOPK_KEYS if k not in data.keys()]
             if missing:
                 raise ValueError(
