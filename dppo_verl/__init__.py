@@ -2,7 +2,8 @@
 
 ``import dppo_verl`` (done by verl itself in every process through the ``verl.plugins`` entry point)
 registers ``dppo_{tv,kl}_{binary,topk}`` (plus ``dppo_<name>_*`` for every registered divergence) in verl's
-policy-loss registry and installs the actor integration. Idempotent.
+policy-loss registry and installs the actor integration; on a host without a CUDA GPU it also gives verl a
+"cpu" platform (:mod:`dppo_verl.integrations.cpu_platform`). Idempotent.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ def install() -> None:
         from .losses import register_loss_modes
         from .integrations.actor import apply_ppo_loss_wrapper, apply_train_batch_topk_flag
 
+        from .integrations.cpu_platform import apply_cpu_support
+
         register_loss_modes()
         apply_ppo_loss_wrapper()
         apply_train_batch_topk_flag()
+        # Only on a host without a CUDA GPU: verl gets a "cpu" platform (gloo, FSDP engine on CPU).
+        apply_cpu_support()
     except Exception:
         # verl swallows plugin import errors at DEBUG level: make sure the failure is visible.
         logger.exception("dppo_verl failed to install into verl")

@@ -15,8 +15,8 @@ own plugin API and adds the few small, named patches the FSDP engine still needs
   ``VERL_ENGINE_DEVICE`` override makes the engine registry look them up as ``cuda``;
 * :func:`apply_cpu_support` - all of the above, in order (what a CPU test or launcher calls).
 
-Every function is idempotent and records itself in :data:`dppo_verl.integrations.APPLIED`. On a CUDA machine
-importing this module does nothing, and :func:`apply_cpu_support` only registers the platform. Nothing in
+Every function is idempotent and records itself in :data:`dppo_verl.integrations.APPLIED`. Importing this module
+changes nothing; on a CUDA host :func:`apply_cpu_support` only registers the platform (never selects it). Nothing in
 site-packages is edited; the patches rebind module attributes in this process only.
 
 Other settings the CPU path needs are configuration, not code: ``attn_implementation=sdpa`` (the default asks for
@@ -32,7 +32,11 @@ import logging
 import os
 import sys
 import types
+from datetime import timedelta
 from typing import Any, Optional
+
+import torch
+from verl.plugin.platform import PlatformBase, PlatformRegistry, get_platform, platform_manager, set_platform
 
 from . import mark_applied
 
@@ -59,12 +63,8 @@ def has_cuda_gpu() -> bool:
     The second test matters in CPU-only Ray actors of a GPU cluster, where ``torch.cuda.is_available()`` is
     False although the workers will have GPUs; there the CPU platform must not be selected.
     """
-    import torch
-
     if torch.cuda.is_available():
         return True
-    from verl.plugin.platform import PlatformBase
-
     return torch.version.cuda is not None and PlatformBase.check_smi_command("nvidia-smi")
 
 
@@ -91,8 +91,6 @@ def _mem_get_info(*args, **kwargs) -> tuple[int, int]:
 
 def _build_device_module() -> types.ModuleType:
     """A ``torch.cuda``-shaped namespace for the CPU: ``torch.cpu`` plus no-op memory/cache/IPC calls."""
-    import torch
-
     mod = types.ModuleType("dppo_verl_cpu_device", "torch.cuda-like API for the CPU (memory calls are no-ops)")
     for name in ("Stream", "Event", "StreamContext", "stream", "current_stream", "is_available", "is_initialized"):
         setattr(mod, name, getattr(torch.cpu, name))
@@ -122,118 +120,96 @@ def cpu_device_module() -> types.ModuleType:
 # The platform
 # ----------------------------------------------------------------------------------------------------------
 
-_CPU_PLATFORM_CLS: Optional[type] = None
 
+class CPUPlatform(PlatformBase):
+    """verl platform for host CPUs: device ``cpu``, collectives over ``gloo``.
 
-def _make_platform_class() -> type:
-    """Define :class:`CPUPlatform` (deferred so that importing this module does not import verl)."""
-    import torch
-    from verl.plugin.platform import PlatformBase
+    It reports the Ray resource ``GPU`` (and ``CUDA_VISIBLE_DEVICES``): verl's resource-pool check counts GPU/NPU
+    resources only, so a CPU run asks Ray for fake GPUs (``ray_init.num_gpus``). ``is_platform_available`` is
+    False so that auto-detection never picks it: it is chosen explicitly (``VERL_PLATFORM=cpu``,
+    :func:`apply_cpu_platform`).
+    """
 
-    class CPUPlatform(PlatformBase):
-        """verl platform for host CPUs: device ``cpu``, collectives over ``gloo``.
+    device_name = PLATFORM_NAME
+    vendor_name = PLATFORM_NAME
 
-        It reports the Ray resource ``GPU`` (and ``CUDA_VISIBLE_DEVICES``): verl's resource-pool check counts
-        GPU/NPU resources only, so a CPU run asks Ray for fake GPUs (``ray_init.num_gpus``).
-        ``is_platform_available`` is False so that auto-detection never picks it: it is chosen explicitly
-        (``VERL_PLATFORM=cpu``, :func:`apply_cpu_platform`).
-        """
+    @property
+    def device_module(self) -> types.ModuleType:
+        return cpu_device_module()
 
-        device_name = PLATFORM_NAME
-        vendor_name = PLATFORM_NAME
+    def is_available(self) -> bool:
+        return True
 
-        @property
-        def device_module(self) -> types.ModuleType:
-            return cpu_device_module()
+    def is_platform_available(self, use_smi_check: bool = False) -> bool:
+        return False
 
-        def is_available(self) -> bool:
-            return True
+    def current_device(self) -> str:  # type: ignore[override]
+        # A device *string*: verl does ``tensor.to(get_device_id())`` / ``torch.device(get_device_id())``;
+        # an int would mean "accelerator 0" and move the model off the CPU.
+        return PLATFORM_NAME
 
-        def is_platform_available(self, use_smi_check: bool = False) -> bool:
-            return False
+    def device_count(self) -> int:
+        return 1
 
-        def current_device(self) -> str:  # type: ignore[override]
-            # A device *string*: verl does ``tensor.to(get_device_id())`` and ``torch.device(...)`` with it;
-            # an int would mean "accelerator 0" and move the model off the CPU.
-            return PLATFORM_NAME
+    def set_device(self, device_index: int) -> None:
+        return None
 
-        def device_count(self) -> int:
-            return 1
+    def synchronize(self, device_index: Optional[int] = None) -> None:
+        return None
 
-        def set_device(self, device_index: int) -> None:
-            return None
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
-        def synchronize(self, device_index: Optional[int] = None) -> None:
-            return None
+    def manual_seed_all(self, seed: int) -> None:
+        torch.manual_seed(seed)
 
-        def manual_seed(self, seed: int) -> None:
-            torch.manual_seed(seed)
+    def set_allocator_settings(self, settings: str) -> None:
+        return None
 
-        def manual_seed_all(self, seed: int) -> None:
-            torch.manual_seed(seed)
+    def empty_cache(self) -> None:
+        return None
 
-        def set_allocator_settings(self, settings: str) -> None:
-            return None
+    def get_device_capability(self, device_index: int = 0) -> tuple[Optional[int], Optional[int]]:
+        return None, None
 
-        def empty_cache(self) -> None:
-            return None
+    def communication_backend_name(self) -> str:
+        return "gloo"
 
-        def get_device_capability(self, device_index: int = 0) -> tuple[Optional[int], Optional[int]]:
-            return None, None
+    def visible_devices_envvar(self) -> str:
+        return "CUDA_VISIBLE_DEVICES"
 
-        def communication_backend_name(self) -> str:
-            return "gloo"
+    def ray_resource_name(self) -> str:
+        return "GPU"
 
-        def visible_devices_envvar(self) -> str:
-            return "CUDA_VISIBLE_DEVICES"
+    def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
+        return {"num_gpus": num_gpus}
 
-        def ray_resource_name(self) -> str:
-            return "GPU"
+    def ray_noset_envvars(self) -> list[str]:
+        return ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"]
 
-        def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
-            return {"num_gpus": num_gpus}
+    def is_ipc_supported(self) -> bool:
+        return False
 
-        def ray_noset_envvars(self) -> list[str]:
-            return ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"]
+    @contextlib.contextmanager
+    def nvtx_range(self, msg: str):
+        yield
 
-        def is_ipc_supported(self) -> bool:
-            return False
+    def profiler_start(self) -> None:
+        return None
 
-        @contextlib.contextmanager
-        def nvtx_range(self, msg: str):
-            yield
+    def profiler_stop(self) -> None:
+        return None
 
-        def profiler_start(self) -> None:
-            return None
-
-        def profiler_stop(self) -> None:
-            return None
-
-        def cudart(self) -> Any:
-            return None
-
-    CPUPlatform.__module__ = __name__
-    CPUPlatform.__qualname__ = "CPUPlatform"
-    return CPUPlatform
-
-
-def __getattr__(name: str):
-    if name == "CPUPlatform":  # lazily defined: the class needs verl
-        global _CPU_PLATFORM_CLS
-        if _CPU_PLATFORM_CLS is None:
-            _CPU_PLATFORM_CLS = _make_platform_class()
-        return _CPU_PLATFORM_CLS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def cudart(self) -> Any:
+        return None
 
 
 def register_cpu_platform() -> type:
     """Register :class:`CPUPlatform` as verl platform ``"cpu"`` (idempotent); returns the class."""
-    from verl.plugin.platform import PlatformRegistry
-
-    cls = __getattr__("CPUPlatform")
-    if mark_applied("cpu_platform_registered") or PlatformRegistry.get(PLATFORM_NAME) is not cls:
-        PlatformRegistry.register(platform=PLATFORM_NAME)(cls)
-    return cls
+    mark_applied("cpu_platform_registered")
+    if PlatformRegistry.get(PLATFORM_NAME) is not CPUPlatform:
+        PlatformRegistry.register(platform=PLATFORM_NAME)(CPUPlatform)
+    return CPUPlatform
 
 
 def apply_cpu_platform(force: bool = False) -> bool:
@@ -242,8 +218,6 @@ def apply_cpu_platform(force: bool = False) -> bool:
     Selection sets ``VERL_PLATFORM=cpu`` unless the user already set ``VERL_PLATFORM`` (then theirs wins), and
     replaces verl's platform singleton if this process already resolved a different one.
     """
-    from verl.plugin.platform import platform_manager
-
     cls = register_cpu_platform()
     if not force and has_cuda_gpu():
         return False
@@ -254,14 +228,12 @@ def apply_cpu_platform(force: bool = False) -> bool:
     os.environ["VERL_PLATFORM"] = PLATFORM_NAME
     current = platform_manager._current_platform
     if current is not None and not isinstance(current, cls):
-        platform_manager.set_platform(cls())
+        set_platform(cls())
     mark_applied("cpu_platform")
     return True
 
 
 def _cpu_selected() -> bool:
-    from verl.plugin.platform import get_platform
-
     return get_platform().device_name == PLATFORM_NAME
 
 
@@ -297,11 +269,8 @@ def apply_gloo_process_group() -> None:
     def initialize_global_process_group(timeout_second=36000):
         if not _cpu_selected():
             return orig_global(timeout_second=timeout_second)
-        import torch.distributed as dist
-        from datetime import timedelta
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_second),
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_second),
                                     init_method=os.environ.get("DIST_INIT_METHOD", None))
         return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
