@@ -19,9 +19,10 @@ logger = logging.getLogger("dppo_verl")
 def install() -> None:
     """Register the loss modes and apply the verl integrations (idempotent; errors are logged, then raised)."""
     try:
-        from ._compat import check_verl_version
+        from ._compat import check_verl_symbols, check_verl_version
 
         check_verl_version()
+        check_verl_symbols()
         from .losses import register_loss_modes
         from .integrations.actor import apply_ppo_loss_wrapper, apply_train_batch_topk_flag
 

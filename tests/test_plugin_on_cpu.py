@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = ["dppo_tv_binary", "dppo_kl_binary", "dppo_tv_topk", "dppo_kl_topk"]
@@ -82,3 +83,43 @@ def test_ops_layer_imports_neither_verl_nor_megatron():
                 names = [node.module or ""]
             for n in names:
                 assert n.split(".")[0] not in ("verl", "megatron"), f"{path.name} imports {n}"
+
+
+def test_missing_private_symbol_fails_with_version(monkeypatch):
+    import verl.workers.utils.padding as padding
+
+    from dppo_verl._compat import check_verl_symbols
+
+    monkeypatch.delattr(padding, "no_padding_2_padding")
+    with pytest.raises(ImportError, match=r"verl\.workers\.utils\.padding\.no_padding_2_padding.*verl 0\.9\.1.*verl==0\.9\.1"):
+        check_verl_symbols()
+
+
+def test_first_use_engine_checks():
+    """The worker-side twins of the launch rules, on verl's real BaseEngine.train_batch (wrapped)."""
+    import functools
+
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.base import BaseEngine
+    from verl.workers.utils.losses import ppo_loss
+
+    from conftest import make_actor_config
+    from dppo_verl.config import DPPOPolicyLossConfig
+
+    class Stub:
+        pad_to_length = False
+
+    loss_fn = functools.partial(ppo_loss, config=make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_topk")))
+    data = TensorDict({"x": torch.zeros(2)}, batch_size=[2])
+    with pytest.raises(ValueError, match=r"lacks \['rollout_topk_ids', 'rollout_topk_logprobs'\].*No silent binary"):
+        BaseEngine.train_batch(Stub(), data, loss_fn)
+    data["rollout_topk_ids"] = torch.zeros(2, 1, dtype=torch.int32)
+    data["rollout_topk_logprobs"] = torch.zeros(2, 1)
+    tu.assign_non_tensor(data, use_fused_kernels=True)
+    with pytest.raises(ValueError, match="actor_rollout_ref.model.use_fused_kernels=False"):
+        BaseEngine.train_batch(Stub(), data, loss_fn)
+    tu.assign_non_tensor(data, use_fused_kernels=False)
+    Stub.pad_to_length = True
+    with pytest.raises(ValueError, match="pad_to_length=False"):
+        BaseEngine.train_batch(Stub(), data, loss_fn)

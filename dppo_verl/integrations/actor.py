@@ -154,6 +154,9 @@ def _wrap_train_batch(orig):
 
 
 def _patch_base_engine(module) -> None:
+    from .._compat import require
+
+    require(require(module, "BaseEngine"), "train_batch")
     if not hasattr(module.BaseEngine.train_batch, "dppo_wrapped"):
         module.BaseEngine.train_batch = _wrap_train_batch(module.BaseEngine.train_batch)
 

@@ -124,8 +124,10 @@ def _layout_like_logits(x: torch.Tensor, offsets: torch.Tensor, data_format: Opt
         if get_ulysses_sequence_parallel_world_size() > 1:
             x = slice_input_tensor(x, dim=1)
         return x
-    from verl.models.mcore.util import preprocess_bshd_engine, preprocess_thd_engine
+    from .._compat import require
 
+    util = "verl.models.mcore.util"
+    preprocess_thd_engine, preprocess_bshd_engine = require(util, "preprocess_thd_engine"), require(util, "preprocess_bshd_engine")
     nested = torch.nested.nested_tensor_from_jagged(x, offsets)
     if data_format == "thd":
         return preprocess_thd_engine(nested, pre_process=True)[0]
