@@ -1,0 +1,141 @@
+"""``dppo-verl-train``: verl 0.9.1's ``main_ppo`` with DPPO shorthands, validation before Ray, and a dry run.
+
+    dppo-verl-train <any verl override> ... actor.policy_loss=dppo_tv_topk [--dry-run]
+
+Every verl override passes through unchanged. The shorthand ``actor.policy_loss=<mode>`` (or
+``actor_rollout_ref.actor.policy_loss=<mode>``) expands into one consistent config (printed once):
+
+- ``actor_rollout_ref.actor.policy_loss.loss_mode=<mode>`` and our ``DPPOPolicyLossConfig`` as ``_target_``;
+- DPPO knobs given as ``actor_rollout_ref.actor.policy_loss.<knob>=v`` (or ``actor.policy_loss.<knob>=v``) get
+  the ``+`` Hydra needs for keys that verl's YAML does not have;
+- the anchor: ``actor_rollout_ref.rollout.calculate_log_probs=True`` (mu = the rollout's log-probs);
+- Top-K modes: the rollout request ``+actor_rollout_ref.rollout.custom.dppo_num_topk=K`` (K = ``num_topk``);
+- the plugin in every process: ``actor_rollout_ref.model.external_lib=dppo_verl`` and, for Ray workers on
+  other nodes, ``VERL_USE_EXTERNAL_MODULES=dppo_verl`` in the Ray runtime environment (the entry point covers
+  every node where the package is installed; these make a missing install fail loudly instead of silently).
+
+Then the composed config is checked by :func:`dppo_verl.integrations.rules.check_actor_config` (the same rules the
+workers enforce) before any Ray worker starts, and verl's own ``main_ppo`` runs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["expand_overrides", "compose_config", "main"]
+
+SHORTHANDS = ("actor.policy_loss", "actor_rollout_ref.actor.policy_loss")
+PL = "actor_rollout_ref.actor.policy_loss"
+KNOBS = ("delta_low", "delta_high", "truncation_cap", "num_topk", "anchor", "direction")
+HYDRA_FLAGS = ("--config-path", "--config-name", "--config-dir", "-cp", "-cn", "-cd")
+
+
+def _split(arg: str) -> tuple[str, str, Optional[str]]:
+    """``'+a.b=c'`` -> ``('+', 'a.b', 'c')``; value None for flags without '='."""
+    prefix = ""
+    while arg[:1] in ("+", "~"):
+        prefix, arg = prefix + arg[0], arg[1:]
+    key, eq, value = arg.partition("=")
+    return prefix, key, value if eq else None
+
+
+def expand_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Expand the DPPO shorthands. Returns ``(verl overrides, human-readable expansion lines)``."""
+    from .config import parse_loss_mode
+
+    out, notes, mode, k = [], [], None, None
+    for arg in overrides:
+        prefix, key, value = _split(arg)
+        if key.startswith("actor.policy_loss."):  # short form of a knob
+            key = "actor_rollout_ref." + key
+        if key in SHORTHANDS and value is not None and "{" not in value:
+            if parse_loss_mode(value) is None:
+                from . import loss_modes
+
+                raise SystemExit(f"dppo-verl-train: {arg!r}: unknown DPPO loss mode; valid: {loss_modes()}")
+            mode = value
+            continue
+        if key.startswith(PL + ".") and key[len(PL) + 1 :] in KNOBS:
+            prefix = prefix or "+"  # verl's YAML has no such key
+            if key.endswith(".num_topk"):
+                k = int(value)
+        out.append(f"{prefix}{key}={value}" if value is not None else prefix + key)
+    if mode is None:
+        return out, notes
+    added = [
+        f"{PL}.loss_mode={mode}",
+        f"{PL}._target_=dppo_verl.config.DPPOPolicyLossConfig",
+        "actor_rollout_ref.rollout.calculate_log_probs=True",
+        "actor_rollout_ref.model.external_lib=dppo_verl",
+        "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=dppo_verl",
+    ]
+    if parse_loss_mode(mode)[1] == "topk":
+        added.append(f"+actor_rollout_ref.rollout.custom.dppo_num_topk={k if k is not None else 20}")
+    explicit = {_split(a)[1] for a in out}
+    added = [a for a in added if _split(a)[1] not in explicit]  # the user's own value wins
+    notes = [f"{a}" for a in added]
+    return added + out, notes
+
+
+def _hydra_args(argv: Sequence[str]) -> tuple[list[str], dict, bool]:
+    """Split argv into overrides, Hydra's config flags and our ``--dry-run``."""
+    overrides, flags, dry_run, it = [], {}, False, iter(argv)
+    for arg in it:
+        if arg == "--dry-run":
+            dry_run = True
+        elif arg.split("=", 1)[0] in HYDRA_FLAGS:
+            name, _, val = arg.partition("=")
+            flags[name] = val if val else next(it)
+        else:
+            overrides.append(arg)
+    return overrides, flags, dry_run
+
+
+def compose_config(overrides: Sequence[str], config_name: str = "ppo_trainer", config_dir: Optional[str] = None):
+    """Compose the verl config exactly as ``main_ppo`` would (verl's config dir unless another is given)."""
+    import os
+
+    import verl
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    config_dir = config_dir or os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import dppo_verl  # noqa: F401  (registers the modes in the driver; workers load it via entry point / external_lib)
+    from omegaconf import OmegaConf
+
+    from .integrations.rules import check_actor_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, flags, dry_run = _hydra_args(argv)
+    expanded, notes = expand_overrides(overrides)
+    if notes:
+        print("dppo-verl-train: expanded the DPPO shorthand into:\n  " + "\n  ".join(notes), flush=True)
+    name = flags.get("--config-name", flags.get("-cn", "ppo_trainer"))
+    cdir = flags.get("--config-path", flags.get("-cp", flags.get("--config-dir", flags.get("-cd"))))
+    cfg = compose_config(expanded, config_name=name, config_dir=cdir)
+    try:
+        check_actor_config(cfg)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=False))
+        print("dppo-verl-train: dry run: configuration resolved and validated; not starting Ray.", flush=True)
+        return 0
+    from verl.trainer import main_ppo
+
+    hydra_argv = [f"{k}={v}" for k, v in flags.items()]
+    sys.argv = [sys.argv[0]] + hydra_argv + expanded
+    main_ppo.main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
