@@ -15,7 +15,8 @@ Every verl override passes through unchanged. The shorthand ``actor.policy_loss=
   every node where the package is installed; these make a missing install fail loudly instead of silently).
 
 Then the composed config is checked by :func:`dppo_verl.integrations.rules.check_actor_config` (the same rules the
-workers enforce) before any Ray worker starts, and verl's own ``main_ppo`` runs it.
+workers enforce) and :func:`dppo_verl.integrations.rollout_rules.check_rollout_config` before any Ray worker
+starts, and verl's own ``main_ppo`` runs it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ def _hydra_args(argv: Sequence[str]) -> tuple[list[str], dict, bool]:
     return overrides, flags, dry_run
 
 
+def _string_shorthand_in_yaml(config_dir: Optional[str], name: str) -> tuple[Optional[str], Optional[str]]:
+    """A user YAML may say ``actor_rollout_ref.actor.policy_loss: dppo_tv_topk`` (a string where verl has a node).
+
+    Returns ``(mode, patched_config_dir)``: a copy of the YAML without that string, in a new directory whose
+    Hydra search path starts with the original directory (so its defaults still resolve), or ``(None, None)``.
+    """
+    import os
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    if not config_dir:
+        return None, None
+    path = os.path.join(os.path.abspath(config_dir), name if name.endswith(".yaml") else name + ".yaml")
+    if not os.path.isfile(path):
+        return None, None
+    raw = OmegaConf.load(path)
+    for key in SHORTHANDS:
+        value = OmegaConf.select(raw, key)
+        if isinstance(value, str):
+            parent, _, leaf = key.rpartition(".")
+            del OmegaConf.select(raw, parent)[leaf]
+            search = list(OmegaConf.select(raw, "hydra.searchpath") or [])
+            OmegaConf.update(raw, "hydra.searchpath", ["file://" + os.path.dirname(path)] + search, merge=False)
+            out_dir = tempfile.mkdtemp(prefix="dppo_verl_cfg_")  # kept: verl's Hydra main reads it later
+            OmegaConf.save(raw, os.path.join(out_dir, os.path.basename(path)))
+            return value, out_dir
+    return None, None
+
+
 def compose_config(overrides: Sequence[str], config_name: str = "ppo_trainer", config_dir: Optional[str] = None):
     """Compose the verl config exactly as ``main_ppo`` would (verl's config dir unless another is given)."""
     import os
@@ -110,18 +141,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import dppo_verl  # noqa: F401  (registers the modes in the driver; workers load it via entry point / external_lib)
     from omegaconf import OmegaConf
 
+    from .integrations.rollout_rules import check_rollout_config
     from .integrations.rules import check_actor_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, flags, dry_run = _hydra_args(argv)
+    name = flags.get("--config-name", flags.get("-cn", "ppo_trainer"))
+    cdir_key = next((k for k in ("--config-path", "-cp", "--config-dir", "-cd") if k in flags), None)
+    cdir = flags.get(cdir_key) if cdir_key else None
+    yaml_mode, patched_dir = _string_shorthand_in_yaml(cdir, name)
+    if yaml_mode is not None:  # the YAML's string goes first: command-line overrides still win
+        overrides = [f"actor.policy_loss={yaml_mode}"] + overrides
+        cdir = flags[cdir_key] = patched_dir
     expanded, notes = expand_overrides(overrides)
     if notes:
         print("dppo-verl-train: expanded the DPPO shorthand into:\n  " + "\n  ".join(notes), flush=True)
-    name = flags.get("--config-name", flags.get("-cn", "ppo_trainer"))
-    cdir = flags.get("--config-path", flags.get("-cp", flags.get("--config-dir", flags.get("-cd"))))
     cfg = compose_config(expanded, config_name=name, config_dir=cdir)
     try:
         check_actor_config(cfg)
+        check_rollout_config(cfg)
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -48,3 +48,39 @@ def test_inconsistent_config_fails_in_the_driver(capsys):
     assert "actor_rollout_ref.model.use_fused_kernels" in capsys.readouterr().err
     rc = main(["actor.policy_loss=dppo_kl_topk", "+actor_rollout_ref.rollout.custom.dppo_num_topk=5", "--dry-run"])
     assert rc == 2 and "dppo_num_topk" in capsys.readouterr().err  # K differs on the two sides
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("actor_rollout_ref.rollout.top_p=0.9", "actor_rollout_ref.rollout.top_p"),
+        ("actor_rollout_ref.rollout.top_k=50", "actor_rollout_ref.rollout.top_k"),
+        ("actor_rollout_ref.rollout.logprobs_mode=raw_logprobs", "actor_rollout_ref.rollout.logprobs_mode"),
+        ("+actor_rollout_ref.rollout.min_p=0.05", "actor_rollout_ref.rollout.min_p"),
+    ],
+)
+def test_truncated_sampling_is_refused_with_opt_out(capsys, override, key):
+    assert main(["actor.policy_loss=dppo_tv_binary", override, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "dppo_allow_truncated_sampling" in err
+    assert main(["actor.policy_loss=dppo_tv_binary", override, "+actor_rollout_ref.rollout.custom.dppo_allow_truncated_sampling=True", "--dry-run"]) == 0
+
+
+def test_k_above_vllm_max_logprobs(capsys):
+    assert main(["actor.policy_loss=dppo_tv_topk", "actor.policy_loss.num_topk=32", "--dry-run"]) == 2
+    assert "max_logprobs=32" in capsys.readouterr().err
+    assert main(["actor.policy_loss=dppo_tv_topk", "actor.policy_loss.num_topk=32",
+                 "+actor_rollout_ref.rollout.engine_kwargs.vllm.max_logprobs=32", "--dry-run"]) == 0
+
+
+def test_yaml_string_shorthand(tmp_path, capsys):
+    """A user YAML saying `policy_loss: dppo_kl_topk` (a string where verl has a node)."""
+    (tmp_path / "my_run.yaml").write_text(
+        "hydra:\n  searchpath:\n    - pkg://verl.trainer.config\n"
+        "defaults:\n  - ppo_trainer\n  - _self_\n"
+        "actor_rollout_ref:\n  actor:\n    policy_loss: dppo_kl_topk\n"
+        "trainer:\n  total_training_steps: 7\n"
+    )
+    assert main(["--config-path", str(tmp_path), "--config-name", "my_run", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "loss_mode: dppo_kl_topk" in out and "total_training_steps: 7" in out and "dppo_num_topk: 20" in out
