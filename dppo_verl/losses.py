@@ -42,13 +42,17 @@ _ENABLE_MU = (
 )
 
 
-def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    n = int(mask.sum())
-    return float(torch.where(mask, x.float(), 0.0).sum() / n) if n else 0.0
+def _mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean as a 0-d tensor (0 for an empty mask)."""
+    return torch.where(mask, x.float(), 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def _max(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(x.float()[mask].max()) if bool(mask.any()) else 0.0
+def _max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked max as a 0-d tensor (0 for an empty mask)."""
+    if x.numel() == 0:
+        return x.new_zeros((), dtype=torch.float32)
+    top = torch.where(mask, x.float(), float("-inf")).max()
+    return torch.where(mask.any(), top, 0.0)
 
 
 def _metrics(keep, divergence, log_prob, mu, log_ratio, advantages, mask, cap, support_size) -> dict[str, float]:
@@ -65,11 +69,15 @@ def _metrics(keep, divergence, log_prob, mu, log_ratio, advantages, mask, cap, s
         "ratio_mean": _mean(ratio, mask),
         "ratio_max": _max(ratio, mask),
         "support_size": _mean(support_size, mask),
+        "ppo_kl": _mean(mu - log_prob, mask),
     }
+    values = torch.stack(list(m.values())).tolist()  # one device sync for all metrics
+    m = dict(zip(m, values))
+    ppo_kl = m.pop("ppo_kl")
     out = {METRIC_PREFIX + k: v for k, v in m.items()}
     # verl's usual names, so existing dashboards keep working.
     out["actor/pg_clipfrac"] = m["masked_frac"]
-    out["actor/ppo_kl"] = _mean(mu - log_prob, mask)
+    out["actor/ppo_kl"] = ppo_kl
     return out
 
 

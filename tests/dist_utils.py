@@ -31,4 +31,5 @@ def _entry(rank, world_size, port, fn, args):
 
 def run_distributed(fn, world_size: int, *args) -> None:
     """``fn(rank, world_size, *args)`` on every rank; an exception on any rank fails the caller."""
+    assert world_size >= 1, world_size
     mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)

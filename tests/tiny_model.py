@@ -6,6 +6,7 @@ import torch
 
 
 def build_tiny_model(path: str, vocab: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0) -> None:
+    assert vocab > 112 and hidden % 4 == 0, (vocab, hidden)  # BPE merges need room; 4 attention heads
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 

@@ -22,6 +22,7 @@ def make_topk_batch(prompt_lens, resp_lens, vocab, k, *, seed=0, spread=0.5, pi_
     token (0 where response_mask is 0) and ``truth['support_size'] [B, R]``."""
     from tensordict import TensorDict
 
+    assert len(prompt_lens) == len(resp_lens) and min(prompt_lens) >= 1, (prompt_lens, resp_lens)  # row P-1 must exist
     g = torch.Generator().manual_seed(seed)
     seq = [p + r for p, r in zip(prompt_lens, resp_lens)]
     n = sum(seq)
