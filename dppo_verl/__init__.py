@@ -25,12 +25,14 @@ def install() -> None:
         check_verl_symbols()
         from .losses import register_loss_modes
         from .integrations.actor import apply_ppo_loss_wrapper, apply_train_batch_topk_flag
+        from .integrations.agent_loop import apply_agent_loop_output_patch
 
         from .integrations.cpu_platform import apply_cpu_support
 
         register_loss_modes()
         apply_ppo_loss_wrapper()
         apply_train_batch_topk_flag()
+        apply_agent_loop_output_patch()
         # Only on a host without a CUDA GPU: verl gets a "cpu" platform (gloo, FSDP engine on CPU).
         apply_cpu_support()
     except Exception:

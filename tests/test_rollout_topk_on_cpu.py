@@ -57,3 +57,32 @@ def test_pad_batch_and_requested_k():
     assert requested_topk({"custom": {"dppo_num_topk": 20}}) == 20 and requested_topk({"custom": None}) is None
     with pytest.raises(ValueError, match="dppo_num_topk must be a positive integer"):
         requested_topk({"custom": {"dppo_num_topk": 0}})
+
+
+def test_agent_loop_output_carries_topk_into_the_v1_batch():
+    """verl's real AgentLoopOutput.as_dict (wrapped) and its batching helper give [B, R, K] next to rollout_log_probs."""
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    from dppo_verl.integrations.rollout_topk import align_to_response
+
+    k = 3
+    outs = []
+    for r, mask in ((4, [1, 1, 0, 1]), (2, [1, 1])):  # sample 0: a mask-0 token inserted by the agent loop
+        g = sum(mask)
+        ids = np.arange(g * k, dtype=np.int32).reshape(g, k) + 10
+        lps = -np.arange(g * k, dtype=np.float32).reshape(g, k) / 10
+        outs.append(AgentLoopOutput(prompt_ids=[1, 2], response_ids=list(range(5, 5 + r)), response_mask=mask,
+                                    response_logprobs=[-0.5] * r, metrics=AgentLoopMetrics(),
+                                    extra_fields={"rollout_topk_ids": ids, "rollout_topk_logprobs": lps}))
+    dicts = [o.as_dict() for o in outs]
+    d0 = dicts[0]
+    assert d0["rollout_topk_ids"].dtype == torch.int32 and d0["rollout_topk_logprobs"].dtype == torch.float32
+    assert d0["rollout_topk_ids"].shape == (4, k) and d0["rollout_topk_ids"][3].tolist() == [16, 17, 18]
+    assert d0["rollout_topk_ids"][2].tolist() == [0, 0, 0] and bool(torch.isinf(d0["rollout_topk_logprobs"][2]).all())
+    assert "rollout_topk_ids" not in d0["extra_fields"]
+    td = list_of_dict_to_tensordict(dicts)
+    assert td["rollout_topk_ids"].is_nested and td["rollout_topk_ids"].offsets().diff().tolist() == [4, 2]
+    assert td["rollout_log_probs"].offsets().diff().tolist() == [4, 2]
+    with pytest.raises(ValueError, match="top-K has 1 rows but the response has 2 generated tokens"):
+        align_to_response(np.zeros((1, k), np.int32), np.zeros((1, k), np.float32), [1, 1])

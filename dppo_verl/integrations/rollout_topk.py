@@ -70,3 +70,21 @@ def pad_topk_batch(per_sample: Sequence[tuple[np.ndarray, np.ndarray]], length: 
         ids[b, :n] = torch.from_numpy(i_arr[:n])
         lps[b, :n] = torch.from_numpy(l_arr[:n])
     return ids, lps
+
+
+def align_to_response(ids: np.ndarray, logp: np.ndarray, response_mask: Sequence[int]):
+    """Generated-token rows ``[G, K]`` -> response rows ``[R, K]``: the g-th generated token sits at the g-th
+    position with ``response_mask == 1`` (agent loops may insert mask-0 tokens: tool output, chat-template
+    boundaries); the other rows get id 0 / -inf. Rows past the truncated response are dropped."""
+    mask = np.asarray(response_mask, dtype=bool)
+    pos = np.flatnonzero(mask)
+    if ids.shape[0] < len(pos):
+        raise ValueError(
+            f"rollout top-K has {ids.shape[0]} rows but the response has {len(pos)} generated tokens "
+            "(response_mask == 1): the engine's top-K must cover every generated token"
+        )
+    out_ids = np.zeros((mask.shape[0], ids.shape[1]), dtype=np.int32)
+    out_lp = np.full((mask.shape[0], ids.shape[1]), -np.inf, dtype=np.float32)
+    out_ids[pos] = ids[: len(pos)]
+    out_lp[pos] = logp[: len(pos)]
+    return out_ids, out_lp
