@@ -1,7 +1,10 @@
 """Two Ray nodes on this machine (loopback); the second started from a clean environment (``env -i``, its own
 temp dir), so it inherits nothing from the driver. The DPPO modes must be registered in worker processes on
 both nodes (verl loads the plugin through its entry point on ``import verl``), and a worker where the plugin is
-not loaded must fail loudly at the first DPPO lookup."""
+not loaded must fail loudly at the first DPPO lookup.
+
+Cleanup uses ``ray stop --force``, which stops every Ray node on this machine: run it in CI or a sandbox, not beside
+a Ray job you care about."""
 
 import json
 import os
