@@ -26,7 +26,7 @@ from ..handoff import HandOff, handoff_scope
 from ..losses import MAX_METRICS
 from . import mark_applied
 from ._lazy import when_imported
-from .topk_hook import TOPK_KEYS, _response_values, sequence_lengths, topk_outputs
+from .topk_hook import TOPK_KEYS, response_values, sequence_lengths, topk_outputs
 
 __all__ = ["apply_ppo_loss_wrapper", "apply_train_batch_topk_flag", "loss_mode_of"]
 
@@ -45,7 +45,7 @@ def _padded_field(data, key):
     width = int(r_lens.max()) if width is None or width < 0 else int(width)
     if not data["prompts"].is_nested:
         width = data["responses"].shape[1]  # dense legacy layout: verl keeps the padded width
-    values = _response_values(key, data[key], r_lens)  # [sum R, ...]
+    values = response_values(key, data[key], r_lens)  # [sum R, ...]
     out = values.new_zeros((len(r_lens), width) + tuple(values.shape[1:]))
     keep = torch.arange(width, device=values.device)[None, :] < r_lens.to(values.device)[:, None]
     out[keep] = values

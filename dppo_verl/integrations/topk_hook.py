@@ -31,7 +31,7 @@ from ..ops.divergence import get_divergence
 from ..ops.support import build_support
 from ..ops.vocab_parallel import vocab_parallel_logprobs
 
-__all__ = ["TOPK_KEYS", "sequence_lengths", "packed_support_inputs", "topk_outputs"]
+__all__ = ["TOPK_KEYS", "sequence_lengths", "response_values", "packed_support_inputs", "topk_outputs"]
 
 TOPK_KEYS = ("rollout_topk_ids", "rollout_topk_logprobs")
 
@@ -46,7 +46,7 @@ def sequence_lengths(data) -> tuple[torch.Tensor, torch.Tensor]:
     return attn[:, :p].sum(1), attn[:, p:].sum(1)
 
 
-def _response_values(name: str, x: torch.Tensor, resp_lens: torch.Tensor) -> torch.Tensor:
+def response_values(name: str, x: torch.Tensor, resp_lens: torch.Tensor) -> torch.Tensor:
     """Response-only ``[B, R(_i), ...]`` (nested or right-padded) -> packed ``[sum_b R_b, ...]``."""
     if x.is_nested:
         got = x.offsets().diff()
@@ -82,8 +82,8 @@ def packed_support_inputs(data, num_topk: int) -> dict[str, torch.Tensor]:
     rows = torch.repeat_interleave(starts, r_lens) + _arange_within(r_lens)  # [sum R]
     n = int(offsets[-1])
 
-    ids = _response_values("rollout_topk_ids", data["rollout_topk_ids"], r_lens)
-    logp = _response_values("rollout_topk_logprobs", data["rollout_topk_logprobs"], r_lens)
+    ids = response_values("rollout_topk_ids", data["rollout_topk_ids"], r_lens)
+    logp = response_values("rollout_topk_logprobs", data["rollout_topk_logprobs"], r_lens)
     if ids.dim() != 2 or ids.shape[-1] != num_topk or logp.shape != ids.shape:
         raise ValueError(
             f"rollout_topk_ids / rollout_topk_logprobs have per-token shapes {list(ids.shape[1:])} / "
@@ -101,9 +101,9 @@ def packed_support_inputs(data, num_topk: int) -> dict[str, torch.Tensor]:
     rows = rows.to(dev)
     out["topk_ids"][rows] = ids.long()
     out["topk_logp"][rows] = logp.float()
-    out["sampled"][rows] = _response_values("responses", data["responses"], r_lens).long()
-    out["mu"][rows] = _response_values("rollout_log_probs", data["rollout_log_probs"], r_lens).float()
-    out["row_valid"][rows] = _response_values("response_mask", data["response_mask"], r_lens).bool()
+    out["sampled"][rows] = response_values("responses", data["responses"], r_lens).long()
+    out["mu"][rows] = response_values("rollout_log_probs", data["rollout_log_probs"], r_lens).float()
+    out["row_valid"][rows] = response_values("response_mask", data["response_mask"], r_lens).bool()
     out["offsets"] = offsets
     return out
 
