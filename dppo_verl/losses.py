@@ -169,8 +169,9 @@ def _policy_loss(
     mask = response_mask.bool()
     handoff = current_handoff()
     mu = _mu_from(handoff, old_log_prob, knobs, loss_mode)
-    check_shape("rollout_log_probs" if knobs.anchor == "rollout" else "old_log_prob", mu, shape)
-    check_finite_logprobs("rollout_log_probs" if knobs.anchor == "rollout" else "old_log_prob", mu, mask)
+    mu_name = "rollout_log_probs" if knobs.anchor == "rollout" else "old_log_prob"
+    check_shape(mu_name, mu, shape)
+    check_finite_logprobs(mu_name, mu, mask)
     check_finite_logprobs("log_prob", log_prob.detach(), mask)
     if knobs.estimator == "topk":
         divergence, push, support_size = _topk_inputs(handoff, knobs, loss_mode, shape)

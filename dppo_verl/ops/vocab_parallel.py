@@ -31,6 +31,7 @@ Naive equivalent (tp = 1)::
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple, Optional
 
@@ -73,15 +74,20 @@ def _lse_blocked(x3: torch.Tensor) -> torch.Tensor:
     return big[:, 0] + (s * (mb - big).exp()).sum(-1).log()
 
 
+@functools.lru_cache(maxsize=None)
+def _block_size(v: int) -> int:
+    """The largest divisor of V_local <= 4096; V_local itself (one block) when that divisor is < 64 (e.g. prime)."""
+    b = next(d for d in range(min(v, 4096), 0, -1) if v % d == 0)
+    return b if b >= 64 else v
+
+
 def _block_view(x: torch.Tensor) -> torch.Tensor:
-    """``[c, V_local]`` -> ``[c, nb, B]`` without a copy, B the largest divisor of V_local <= 4096."""
+    """``[c, V_local]`` -> ``[c, nb, B]`` without a copy (rows may be strided, columns must be unit-stride)."""
     c, v = x.shape
     if x.stride(-1) != 1:
         return x.unsqueeze(1)  # cannot view without a copy: one block
-    b = next(d for d in range(min(v, 4096), 0, -1) if v % d == 0)
-    if b < 64:  # awkward V_local (e.g. prime): one block per row rather than tiny ones
-        b = v
-    return x.view(c, v // b, b) if x.stride(0) == v or c <= 1 else x.as_strided((c, v // b, b), (x.stride(0), b, 1))
+    b = _block_size(v)
+    return x.as_strided((c, v // b, b), (x.stride(0), b, 1), x.storage_offset())
 
 
 _compiled_lse = None
