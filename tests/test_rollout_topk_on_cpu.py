@@ -86,3 +86,61 @@ def test_agent_loop_output_carries_topk_into_the_v1_batch():
     assert td["rollout_log_probs"].offsets().diff().tolist() == [4, 2]
     with pytest.raises(ValueError, match="top-K has 1 rows but the response has 2 generated tokens"):
         align_to_response(np.zeros((1, k), np.int32), np.zeros((1, k), np.float32), [1, 1])
+
+
+def _internal_output(prompt_len, response_mask, k, seed):
+    """verl's padded per-sample output as the legacy trainer's ``_postprocess`` receives it (``[1, P]``/``[1, T]``)."""
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, _InternalAgentLoopOutput
+
+    t = len(response_mask)
+    mask = torch.tensor([response_mask])
+    g = int(mask.sum())
+    ids = (np.arange(g * k, dtype=np.int32).reshape(g, k) + 100 * seed)
+    lps = -np.arange(g * k, dtype=np.float32).reshape(g, k) / 10 - seed
+    return _InternalAgentLoopOutput(
+        prompt_ids=torch.ones(1, prompt_len, dtype=torch.long), response_ids=torch.full((1, t), 7),
+        input_ids=torch.ones(1, prompt_len + t, dtype=torch.long), position_ids=torch.arange(prompt_len + t)[None],
+        response_mask=mask, attention_mask=torch.cat([torch.ones(1, prompt_len), mask], 1).long(),
+        response_logprobs=torch.zeros(1, t), metrics=AgentLoopMetrics(), num_turns=2,
+        extra_fields={"rollout_topk_ids": ids, "rollout_topk_logprobs": lps},
+    ), ids, lps
+
+
+def test_legacy_trainer_batch_carries_padded_topk():
+    """``trainer.use_v1=false``: verl's real ``AgentLoopWorker._postprocess`` (wrapped) -> ``[B, T, K]`` in the batch."""
+    import dppo_verl  # noqa: F401
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    k = 3
+    worker = object.__new__(AgentLoopWorker)
+    worker.reward_loop_worker_handles = None
+    masks = ([1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1])  # sample 0: a mask-0 token inside, right padding after
+    samples = [_internal_output(4, m, k, s) for s, m in enumerate(masks)]
+    out = AgentLoopWorker._postprocess(worker, [s[0] for s in samples])
+    ids, lps = out.batch["rollout_topk_ids"], out.batch["rollout_topk_logprobs"]
+    assert ids.shape == (2, 6, k) and ids.dtype == torch.int32 and lps.dtype == torch.float32
+    np.testing.assert_array_equal(ids[0, [0, 1, 3]].numpy(), samples[0][1])
+    np.testing.assert_array_equal(lps[1].numpy(), samples[1][2])
+    assert ids[0, [2, 4, 5]].eq(0).all() and torch.isinf(lps[0, [2, 4, 5]]).all()
+    assert "rollout_topk_ids" not in out.non_tensor_batch  # not left behind as an object column
+    mixed = [_internal_output(4, masks[1], k, s)[0] for s in (3, 4)]  # fresh: _postprocess pops the arrays
+    mixed[1].extra_fields.clear()
+    with pytest.raises(ValueError, match=r"rollout top-K missing for samples \[1\]"):
+        AgentLoopWorker._postprocess(worker, mixed)
+
+
+def test_v1_synthetic_padding_sample_gets_a_one_token_topk():
+    import dppo_verl  # noqa: F401
+    from verl.trainer.ppo import padding_utils
+
+    k = 4
+    source = {"prompts": torch.ones(3, dtype=torch.long), "responses": torch.ones(5, dtype=torch.long),
+              "input_ids": torch.ones(8, dtype=torch.long), "attention_mask": torch.ones(8, dtype=torch.long),
+              "position_ids": torch.arange(8), "response_mask": torch.ones(5, dtype=torch.long),
+              "rollout_log_probs": torch.zeros(5), "rollout_topk_ids": torch.ones(5, k, dtype=torch.int32),
+              "rollout_topk_logprobs": torch.zeros(5, k)}
+    sample, tag = padding_utils.construct_minimal_padding_template(source, {}, eos_token_id=2)
+    r = sample["responses"].shape[0]
+    assert sample["rollout_log_probs"].shape == (r,)  # verl's own shrink, which ours must follow
+    assert sample["rollout_topk_ids"].shape == (r, k) and sample["rollout_topk_ids"].eq(0).all()
+    assert sample["rollout_topk_logprobs"].dtype == torch.float32 and torch.isinf(sample["rollout_topk_logprobs"]).all()

@@ -14,7 +14,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["NUM_TOPK_KEY", "requested_topk", "topk_arrays_from_vllm", "pad_topk_batch"]
+__all__ = [
+    "NUM_TOPK_KEY",
+    "requested_topk",
+    "topk_arrays_from_vllm",
+    "topk_arrays_from_flat",
+    "pad_topk_batch",
+    "align_to_response",
+]
 
 NUM_TOPK_KEY = "dppo_num_topk"  # in actor_rollout_ref.rollout.custom
 
@@ -51,6 +58,34 @@ def topk_arrays_from_vllm(step_logprobs: Sequence[Mapping[int, Any]], k: int) ->
                 ids[i, rank - 1] = token_id
                 lps[i, rank - 1] = lp.logprob
     return ids, lps
+
+
+def topk_arrays_from_flat(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's ``FlatLogprobs`` (``SamplingParams(flat_logprobs=True)``) -> ``([G, K] int32, [G, K] float32)``.
+
+    With ``logprobs=K`` vLLM stores K+1 entries per position: the sampled token first (its own rank, which may
+    exceed K), then ranks 1..K in order (vllm/logprobs.py ``append_logprobs_for_next_position``). We read the
+    flat lists with numpy instead of building G dicts of K+1 ``Logprob`` objects; the layout is checked, not
+    assumed: any other rank pattern raises.
+    """
+    starts = np.asarray(flat.start_indices, dtype=np.int64)
+    ends = np.asarray(flat.end_indices, dtype=np.int64)
+    g = starts.shape[0]
+    if g == 0:
+        return np.zeros((0, k), dtype=np.int32), np.zeros((0, k), dtype=np.float32)
+    if not np.all(ends - starts == k + 1):
+        raise ValueError(
+            f"vLLM flat logprobs hold {sorted(set((ends - starts).tolist()))} entries per position, expected "
+            f"{k + 1} (sampled token + top-{k}): was the request sent with logprobs={k}?"
+        )
+    at = starts[:, None] + np.arange(1, k + 1)  # [G, K] flat indices of ranks 1..K (skip the sampled entry)
+    ranks = np.asarray(flat.ranks, dtype=np.int64)[at]
+    if not np.array_equal(ranks, np.broadcast_to(np.arange(1, k + 1), (g, k))):
+        bad = int(np.flatnonzero((ranks != np.arange(1, k + 1)).any(axis=1))[0])
+        raise ValueError(f"vLLM flat logprobs at position {bad} have ranks {ranks[bad].tolist()}, expected 1..{k}")
+    ids = np.asarray(flat.token_ids, dtype=np.int32)[at]
+    logp = np.asarray(flat.logprobs, dtype=np.float32)[at]
+    return np.ascontiguousarray(ids), np.ascontiguousarray(logp)
 
 
 def pad_topk_batch(per_sample: Sequence[tuple[np.ndarray, np.ndarray]], length: int):
