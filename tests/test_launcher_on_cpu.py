@@ -84,3 +84,12 @@ def test_yaml_string_shorthand(tmp_path, capsys):
     assert main(["--config-path", str(tmp_path), "--config-name", "my_run", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "loss_mode: dppo_kl_topk" in out and "total_training_steps: 7" in out and "dppo_num_topk: 20" in out
+
+
+def test_sglang_original_logprob_env_with_temperature(capsys, monkeypatch):
+    args = ["actor.policy_loss=dppo_tv_binary", "actor_rollout_ref.rollout.name=sglang",
+            "actor_rollout_ref.rollout.temperature=0.7", "--dry-run"]
+    assert main(args) == 0
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
+    assert main(args) == 2 and "SGLANG_RETURN_ORIGINAL_LOGPROB" in capsys.readouterr().err
+    assert main(args[:2] + ["--dry-run"]) == 0  # temperature 1: raw and processed log-probs agree

@@ -177,3 +177,28 @@ def test_real_vllm_topk_matches_hf_processed_distribution(real_engine):
     print(f"max |vLLM - HF| = {worst:.2e}")
     assert worst < 1e-4, worst
     assert not math.isnan(worst)
+
+
+def test_patched_server_pickles_like_ray_does():
+    """Ray ships the server class by value (cloudpickle); a ContextVar captured by a wrapper cannot be pickled."""
+    from ray import cloudpickle
+
+    for fn in (srv.vLLMHttpServer.generate, srv.SamplingParams):
+        assert hasattr(fn, "dppo_wrapped")
+        cloudpickle.loads(cloudpickle.dumps(fn))
+
+
+def test_vllm_plugin_turns_onednn_packing_off():
+    """Registered in vLLM's own plugin group, so EngineCore and its workers run it too (weight sync needs it)."""
+    from importlib.metadata import entry_points
+
+    import vllm._custom_ops as ops
+
+    from dppo_verl.integrations.vllm_cpu import disable_onednn_weight_packing
+
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "dppo_verl_cpu"]
+    assert ep.load() is disable_onednn_weight_packing
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what every vLLM process runs at start
+    assert ops._supports_onednn is False

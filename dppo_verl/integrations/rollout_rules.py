@@ -12,6 +12,7 @@ Opt-out for the truncation rules (you accept a biased ratio and divergence):
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ..config import parse_loss_mode
@@ -58,7 +59,22 @@ def rollout_rule_violations(config: Any) -> tuple[list[str], list[str]]:
                 f"{R}.custom.dppo_num_topk={k} exceeds vLLM's max_logprobs={cap}: "
                 f"set +{R}.engine_kwargs.vllm.max_logprobs={k}"
             )
+    errors += _sglang_problems(config)
     return errors, warnings
+
+
+def _sglang_problems(config) -> list[str]:
+    """SGLang reports log-probs after temperature unless SGLANG_RETURN_ORIGINAL_LOGPROB is set (then of the raw
+    logits): with temperature != 1 that mu is not the sampling distribution. Read from the launcher's
+    environment, which Ray passes on to the rollout servers it starts here."""
+    if _select(config, f"{R}.name") != "sglang":
+        return []
+    flag = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").strip().lower() in ("1", "true", "yes")
+    temperature = float(_select(config, f"{R}.temperature", 1.0) or 1.0)
+    if flag and temperature != 1.0:
+        return [f"SGLANG_RETURN_ORIGINAL_LOGPROB is set, so SGLang returns log-probs before temperature "
+                f"({R}.temperature={temperature}): unset it for DPPO"]
+    return []
 
 
 def check_rollout_config(config: Any) -> None:

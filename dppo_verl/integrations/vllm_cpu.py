@@ -44,3 +44,20 @@ def apply_vllm_cpu_visibility() -> bool:
 
     metadata.version = version
     return True
+
+
+def disable_onednn_weight_packing() -> bool:
+    """vLLM ``general_plugins`` entry point (runs in every vLLM process: API server, EngineCore, workers).
+
+    vLLM's CPU build repacks linear weights for oneDNN at load time; the repacked parameters lose the
+    ``weight_loader`` that verl's weight sync (trainer -> rollout, every step) calls, which then fails with
+    ``'Parameter' object has no attribute 'weight_loader'``. With packing off vLLM runs plain torch matmuls.
+    Only where vllm-cpu stands in for vllm (never on a GPU install). Returns whether it changed anything.
+    """
+    if _installed("vllm") or not _installed(CPU_DIST):
+        return False
+    import vllm._custom_ops as ops
+
+    ops._supports_onednn = False
+    mark_applied("vllm_cpu_onednn_off")
+    return True

@@ -52,12 +52,24 @@ class _TopKRequest:
 _REQUEST: contextvars.ContextVar[Optional[_TopKRequest]] = contextvars.ContextVar("dppo_vllm_topk", default=None)
 
 
+# Ray pickles the server class by value (cloudpickle), wrappers included; a ContextVar cannot be pickled, so the
+# wrappers below reach it only through these module-level functions (pickled by reference).
+def _current_request() -> Optional[_TopKRequest]:
+    return _REQUEST.get()
+
+
+def _context_with(req: _TopKRequest) -> contextvars.Context:
+    ctx = contextvars.copy_context()
+    ctx.run(_REQUEST.set, req)
+    return ctx
+
+
 def _sampling_params_factory(cls):
     """Stands in for ``SamplingParams`` inside verl's server module only: a no-op without a top-K request."""
 
     @functools.wraps(cls, updated=())
     def make(*args, **kwargs):
-        req = _REQUEST.get()
+        req = _current_request()
         if req is not None:
             if kwargs.get("logprobs") is None:
                 raise ValueError(
@@ -104,7 +116,7 @@ def _sampled_only(flat):
 def _wrap_engine_generate(orig):
     @functools.wraps(orig)
     async def generate(self, *args, **kwargs):
-        req = _REQUEST.get()
+        req = _current_request()
         last = None
         async for output in orig(self, *args, **kwargs):
             last = output
@@ -131,9 +143,7 @@ def _wrap_server_generate(orig):
             return await orig(self, *args, **kwargs)
         _ensure_engine_patched(self.engine)
         req = _TopKRequest(k)
-        ctx = contextvars.copy_context()
-        ctx.run(_REQUEST.set, req)
-        out = await asyncio.create_task(orig(self, *args, **kwargs), context=ctx)
+        out = await asyncio.create_task(orig(self, *args, **kwargs), context=_context_with(req))
         if out.stop_reason == "aborted" and not out.token_ids:
             return out  # verl re-submits aborted requests; nothing was generated
         if req.arrays is None:
