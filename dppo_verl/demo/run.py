@@ -1,0 +1,231 @@
+"""``make demo`` / ``make compare``: verl 0.9.1's own PPO trainer on a CPU, end to end, with a DPPO loss.
+
+Nothing is mocked: ``dppo-verl-train`` (our launcher) runs verl's ``main_ppo`` driver, which starts Ray, the
+vLLM (CPU build) rollout server with top-K logprobs, the agent loop, the FSDP2 actor on gloo and our loss.
+This module builds the assets (:mod:`.assets`), writes the overrides a CPU needs, runs the trainer in its own
+process group under a hard timeout (a Ray resource shortage hangs silently), prints one progress line per step
+from verl's ``file`` logger (:mod:`.report`) and leaves, under ``runs/<run>/``:
+
+* ``metrics.jsonl`` - verl's metrics per step (``{"step": n, "data": {...}}``);
+* ``train.log`` - the trainer's full output; ``command.txt`` - the exact command;
+* ``<run>.png`` - reward, masked fraction by advantage sign, mean divergence and mean |pi - mu| per step;
+* ``summary.json`` - wall time, peak memory (PSS) of the process tree, reward at the first and last step.
+
+  python -m dppo_verl.demo run --steps 60 --loss dppo_tv_topk --k 20
+  python -m dppo_verl.demo compare --losses dppo_tv_topk vanilla --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from . import report
+from .assets import build_all
+
+__all__ = ["demo_overrides", "run_demo", "compare", "main", "LOSSES"]
+
+LOSSES = ("dppo_tv_topk", "dppo_kl_topk", "dppo_tv_binary", "dppo_kl_binary", "vanilla")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr: float, batch: int, n: int,
+                   minibatches: int, response_length: int, run_dir: str) -> list[str]:
+    """verl overrides for a CPU run. Each CPU-specific line answers a failure found on a 2-core, GPU-less box."""
+    A, R = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
+    if batch % minibatches:
+        raise ValueError(f"--batch {batch} must be a multiple of --minibatches {minibatches}")
+    # Several optimizer steps per rollout batch: the later mini-batches are off-policy, which is where the
+    # trust region (and PPO's clip) has something to do.
+    mini = batch // minibatches
+    loss_args = (["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"] if loss == "vanilla"
+                 else [f"actor.policy_loss={loss}"] + ([f"actor.policy_loss.num_topk={k}"] if "topk" in loss else []))
+    return loss_args + [
+        "algorithm.adv_estimator=grpo", "algorithm.use_kl_in_reward=False",
+        f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
+        f"data.train_batch_size={batch}", "data.max_prompt_length=32", f"data.max_response_length={response_length}",
+        "data.dataloader_num_workers=0", f"data.seed={seed}",
+        f"actor_rollout_ref.model.path={assets['model']}",
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",  # no flash-attention on CPU
+        f"{A}.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",  # FSDP1 refuses CPU params
+        f"{A}.use_kl_loss=False", f"{A}.entropy_coeff=0", f"{A}.optim.lr={lr}",
+        f"{A}.ppo_mini_batch_size={mini}", f"{A}.ppo_micro_batch_size_per_gpu={mini * n}", f"{A}.ppo_epochs=1",
+        f"{A}.use_torch_compile=False",
+        f"{R}.name=vllm", f"{R}.n={n}", f"{R}.temperature=1.0", f"{R}.tensor_model_parallel_size=1",
+        f"{R}.log_prob_micro_batch_size_per_gpu={mini * n}", f"{R}.enforce_eager=True",
+        f"+{R}.enable_sleep_mode=False", f"{R}.free_cache_engine=False",  # vLLM's sleep mode needs CUDA
+        f"{R}.agent.num_workers=1", "reward.num_workers=1",
+        f"reward.custom_reward_function.path={os.path.join(os.path.dirname(__file__), 'reward.py')}",
+        "reward.custom_reward_function.name=compute_score",
+        "ray_kwargs.ray_init.num_cpus=16",  # TransferQueue's 8 storage actors + workers: logical CPUs, not cores
+        "+ray_kwargs.ray_init.num_gpus=1",  # verl's resource check counts "GPU"s; the cpu platform maps to it
+        "trainer.n_gpus_per_node=1", "trainer.nnodes=1", f"trainer.total_training_steps={steps}",
+        "trainer.total_epochs=1000", "trainer.logger=[console,file]", "trainer.val_before_train=False",
+        "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.project_name=dppo_demo",
+        f"trainer.default_local_dir={os.path.join(run_dir, 'checkpoints')}",
+    ]
+
+
+def _tree_memory(pid: int) -> int:
+    """Proportional set size (PSS) of the process tree: shared pages (torch, vLLM, Ray's object store) are
+    split between the processes that map them, so the sum is what the run costs the machine, not sum(RSS)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.Error, AttributeError):
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+    return total
+
+
+def _watch_memory(pid: int, stop: threading.Event, peak: list) -> None:
+    while not stop.wait(1.0):
+        peak[0] = max(peak[0], _tree_memory(pid))
+
+
+def _launch(cmd: list[str], env: dict, log_path: str) -> subprocess.Popen:
+    log = open(log_path, "w")
+    # Own session: on timeout or Ctrl-C the whole tree (Ray, vLLM, workers) is killed together.
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_demo(*, loss: str = "dppo_tv_topk", k: int = 20, steps: int = 60, seed: int = 0, lr: float = 5e-4,
+             batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int = 12, run_name: str | None = None,
+             runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500) -> dict:
+    """One training run; returns the summary (also written to ``runs/<run>/summary.json``)."""
+    if loss not in LOSSES:
+        raise ValueError(f"LOSS={loss!r} is not one of {', '.join(LOSSES)}")
+    t0 = time.time()
+    assets = build_all(os.path.join(ROOT, cache_dir) if not os.path.isabs(cache_dir) else cache_dir, seed=seed)
+    name = run_name or f"{loss}-s{steps}-seed{seed}"
+    run_dir = os.path.join(ROOT, runs_dir, name) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, name)
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    overrides = demo_overrides(assets, loss=loss, k=k, steps=steps, seed=seed, lr=lr, batch=batch, n=n,
+                               minibatches=minibatches, response_length=response_length, run_dir=run_dir)
+    cmd = [sys.executable, "-m", "dppo_verl.train", *overrides, f"trainer.experiment_name={name}"]
+    with open(os.path.join(run_dir, "command.txt"), "w") as f:
+        f.write(" \\\n  ".join(cmd) + "\n")
+    env = {**os.environ, "VERL_FILE_LOGGER_PATH": metrics, "VLLM_CPU_KVCACHE_SPACE": "1",
+           "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"[demo] {loss}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
+    print(f"[demo] starting verl (Ray, vLLM CPU server, FSDP actor): the first step takes ~1 min; "
+          f"full log: {os.path.join(run_dir, 'train.log')}", flush=True)
+    proc = _launch(cmd, env, os.path.join(run_dir, "train.log"))
+    stop, peak = threading.Event(), [0]
+    mem = threading.Thread(target=_watch_memory, args=(proc.pid, stop, peak), daemon=True)
+    mem.start()
+    reader = threading.Thread(target=report.follow, args=(metrics, steps, t0, stop),
+                              kwargs={"out": lambda s: print("[demo] " + s, flush=True)}, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=max(1.0, timeout_s - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+        rc = None
+    except KeyboardInterrupt:
+        _kill(proc)
+        raise
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+        stop.set()
+        reader.join(timeout=10)
+        mem.join(timeout=5)
+    return _finish(run_dir, name, loss, steps, rc, t0, peak[0], timeout_s)
+
+
+def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s) -> dict:
+    records = [r for r in report.read_records(os.path.join(run_dir, "metrics.jsonl"))
+               if report.REWARD in r["data"]]
+    rewards = [r["data"][report.REWARD] for r in records]
+    png = os.path.join(run_dir, f"{name}.png")
+    if records:
+        report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on the CPU demo")
+    summary = {"run": name, "loss": loss, "steps_requested": steps, "steps_logged": len(records),
+               "exit_code": rc, "timed_out": rc is None, "wall_s": round(time.time() - t0, 1),
+               "peak_pss_gb": round(peak_bytes / 2**30, 2), "reward_first": rewards[0] if rewards else None,
+               "reward_last": rewards[-1] if rewards else None,
+               "reward_first5_mean": sum(rewards[:5]) / len(rewards[:5]) if rewards else None,
+               "reward_last5_mean": sum(rewards[-5:]) / len(rewards[-5:]) if rewards else None,
+               "plot": png if records else None}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print("[demo] " + json.dumps(summary), flush=True)
+    if rc is None:
+        raise RuntimeError(f"the run exceeded its {timeout_s:.0f} s budget and was killed; see {run_dir}/train.log")
+    if rc != 0 or len(records) < steps:
+        raise RuntimeError(f"verl exited with code {rc} after {len(records)}/{steps} steps; see {run_dir}/train.log")
+    return summary
+
+
+def compare(losses: list[str], **kwargs) -> str:
+    """Run each loss with the same seed and data, then draw them on one plot (``runs/compare-....png``)."""
+    runs = {}
+    for loss in losses:
+        summary = run_demo(loss=loss, **kwargs)
+        runs[loss] = os.path.join(os.path.dirname(summary["plot"]), "metrics.jsonl")
+    runs_dir = kwargs.get("runs_dir", "runs")
+    out = os.path.join(ROOT, runs_dir, f"compare-{'-'.join(losses)}.png")
+    report.plot_compare(runs, out, title=f"same seed, {kwargs.get('steps', 60)} steps")
+    print(f"[demo] comparison plot: {out}", flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m dppo_verl.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=("run", "compare"), nargs="?", default="run")
+    ap.add_argument("--loss", default="dppo_tv_topk", choices=LOSSES)
+    ap.add_argument("--losses", nargs="+", default=["dppo_tv_topk", "vanilla"], choices=LOSSES)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--minibatches", type=int, default=4, help="optimizer steps per rollout batch")
+    ap.add_argument("--batch", type=int, default=16, help="prompts per step")
+    ap.add_argument("--n", type=int, default=4, help="samples per prompt (GRPO group)")
+    ap.add_argument("--run-name", default=None)
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--timeout", type=float, default=1500, help="hard limit for the whole run, seconds")
+    a = ap.parse_args(argv)
+    common = dict(k=a.k, steps=a.steps, seed=a.seed, lr=a.lr, batch=a.batch, n=a.n, minibatches=a.minibatches,
+                  runs_dir=a.runs_dir,
+                  timeout_s=a.timeout)
+    if a.command == "compare":
+        compare(a.losses, **common)
+    else:
+        run_demo(loss=a.loss, run_name=a.run_name, **common)
+
+
+if __name__ == "__main__":
+    main()
