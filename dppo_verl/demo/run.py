@@ -11,8 +11,8 @@ from verl's ``file`` logger (:mod:`.report`) and leaves, under ``runs/<run>/``:
 * ``<run>.png`` - reward, masked fraction by advantage sign, mean divergence and mean |pi - mu| per step;
 * ``summary.json`` - wall time, peak memory (PSS) of the process tree, reward at the first and last step.
 
-  python -m dppo_verl.demo run --steps 60 --loss dppo_tv_topk --k 20
-  python -m dppo_verl.demo compare --losses dppo_tv_topk vanilla --steps 60
+  python -m dppo_verl.demo run --steps 50 --loss dppo_tv_topk --k 20
+  python -m dppo_verl.demo compare --losses dppo_tv_topk vanilla --steps 50
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_demo(*, loss: str = "dppo_tv_topk", k: int = 20, steps: int = 60, seed: int = 0, lr: float = 5e-4,
+def run_demo(*, loss: str = "dppo_tv_topk", k: int = 20, steps: int = 50, seed: int = 0, lr: float = 5e-4,
              batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int = 12, run_name: str | None = None,
              runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500) -> dict:
     """One training run; returns the summary (also written to ``runs/<run>/summary.json``)."""
@@ -197,7 +197,7 @@ def compare(losses: list[str], **kwargs) -> str:
         runs[loss] = os.path.join(os.path.dirname(summary["plot"]), "metrics.jsonl")
     runs_dir = kwargs.get("runs_dir", "runs")
     out = os.path.join(ROOT, runs_dir, f"compare-{'-'.join(losses)}.png")
-    report.plot_compare(runs, out, title=f"same seed, {kwargs.get('steps', 60)} steps")
+    report.plot_compare(runs, out, title=f"same seed, {kwargs.get('steps', 50)} steps")
     print(f"[demo] comparison plot: {out}", flush=True)
     return out
 
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     ap.add_argument("command", choices=("run", "compare"), nargs="?", default="run")
     ap.add_argument("--loss", default="dppo_tv_topk", choices=LOSSES)
     ap.add_argument("--losses", nargs="+", default=["dppo_tv_topk", "vanilla"], choices=LOSSES)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=5e-4)
