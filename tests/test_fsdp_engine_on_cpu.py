@@ -50,7 +50,7 @@ def _batch(model_dir, n=4, seed=0):
     return samples
 
 
-def _worker(rank, world, port, model_dir, samples, sp, rmpad, results):
+def _worker(rank, world, port, model_dir, samples, sp, rmpad, results, dyn=False):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -75,6 +75,8 @@ def _worker(rank, world, port, model_dir, samples, sp, rmpad, results):
         "actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
         "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
     ]
+    if dyn:  # verl regroups samples into token-budgeted micro-batches: the top-K must follow its sample
+        overrides += ["actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24"]
     if sp > 1:  # the attention-free model has no decoder layer class to wrap: wrap by size instead
         overrides.append("actor_rollout_ref.actor.fsdp_config.wrap_policy.min_num_params=1")
     conf_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
@@ -101,6 +103,7 @@ def _worker(rank, world, port, model_dir, samples, sp, rmpad, results):
                  mini_batch_size=n, epochs=1, seed=42, dataloader_kwargs={"shuffle": False}, temperature=1.0)
     out = worker.update_actor(tu.get_tensordict(tensor_dict=fields, non_tensor_dict=extra))
     assert seen, "the DPPO loss never ran"
+    assert not dyn or len(seen) > 1, f"{len(seen)} micro-batch: the token budget should have split the batch"
     for div, mu, mask, size in seen:  # identify each row's sample by its rollout log-probs
         for row in range(div.shape[0]):
             s = next(s for s in local if torch.equal(mu[row, : len(s["responses"])], s["rollout_log_probs"]))
@@ -115,13 +118,13 @@ def _worker(rank, world, port, model_dir, samples, sp, rmpad, results):
         assert min(sizes if isinstance(sizes, list) else [sizes]) > 1, metrics  # the Top-K path ran
 
 
-def _run(world, model_dir, samples, sp=1, rmpad=True):
+def _run(world, model_dir, samples, sp=1, rmpad=True, dyn=False):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Manager().list()
-    torch.multiprocessing.spawn(_worker, nprocs=world, join=True, args=(world, port, model_dir, samples, sp, rmpad, results))
+    torch.multiprocessing.spawn(_worker, nprocs=world, join=True, args=(world, port, model_dir, samples, sp, rmpad, results, dyn))
     assert sum(results) == sum(len(s["responses"]) for s in samples) * sp  # every response row was checked
 
 
@@ -143,6 +146,11 @@ def attention_free(tmp_path_factory):
 @pytest.mark.parametrize("world,rmpad", [(1, True), (1, False), (2, True)])
 def test_train_batch_topk(tiny, world, rmpad):
     _run(world, *tiny, rmpad=rmpad)
+
+
+@pytest.mark.timeout(900)
+def test_train_batch_topk_dynamic_bsz(tiny):
+    _run(1, *tiny, dyn=True)
 
 
 @pytest.mark.timeout(900)
