@@ -69,6 +69,7 @@ def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr
         "trainer.total_epochs=1000", "trainer.logger=[console,file]", "trainer.val_before_train=False",
         "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.project_name=dppo_demo",
         f"trainer.default_local_dir={os.path.join(run_dir, 'checkpoints')}",
+        f"hydra.run.dir={os.path.join(run_dir, 'hydra')}",  # not ./outputs/<date> in the repo
     ]
 
 
