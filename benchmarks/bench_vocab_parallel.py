@@ -5,6 +5,12 @@ Providers:
   dppo        dppo_verl.ops.vocab_parallel_logprobs, compiled backend (the default)
   dppo_eager  the same op, eager row-chunked backend
   read_floor  logits.amax(-1): one read of the logits, the lower bound for any exact method
+  triton      the same op, backend="triton" (fused Triton kernel, dppo_verl.ops.kernels); GPU only
+  dppo_sq     vocab_parallel_stats with the predictive statistic (sq_exclude = the K + 1 ids), compiled backend
+  triton_sq   the same with backend="triton" (the statistic fused into the kernel's single read)
+
+The triton providers are skipped on CPU with a message: Triton's CPU interpreter is a correctness tool
+(tests/test_triton_kernel_on_cpu.py), not a speed measurement. The *_sq providers run by default on CUDA only.
 
 Each (provider, N, dtype) runs in fresh subprocesses: warm-up (includes torch.compile), then the timed
 repetitions. On CPU the peak extra memory is measured in a second fresh subprocess with glibc's mmap
@@ -14,7 +20,7 @@ and the warm-up ran. On CUDA it is torch.cuda.max_memory_allocated above the all
 Results go to JSON stamped with machine, torch version, commit and sizes.
 
   python benchmarks/bench_vocab_parallel.py                      # CPU: N in {512, 2048, 8192}
-  python benchmarks/bench_vocab_parallel.py --device cuda        # GPU: N in {4096, 16384, 32768}
+  python benchmarks/bench_vocab_parallel.py --device cuda        # GPU: N in {4096, 16384, 32768}, all providers
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 V_QWEN3 = 151936  # Qwen3 vocabulary
 K = 20
-PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor")
+PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "triton", "dppo_sq", "triton_sq")
+CPU_PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "triton")  # triton: skipped, with a message
+GPU_ONLY = ("triton", "triton_sq")
 
 
 def _setup_vocab_parallel(n: int, v: int, k: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -52,13 +60,20 @@ def _setup_vocab_parallel(n: int, v: int, k: int, dtype: torch.dtype, device: st
 
 def _provider(name: str):
     import reference as ref
-    from dppo_verl.ops.vocab_parallel import vocab_parallel_logprobs
+    from dppo_verl.ops.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_stats
+
+    def with_rest_sq(backend):  # every support slot excluded, as the predictive direction asks
+        return lambda x, i: vocab_parallel_stats(x, i, sq_exclude=torch.ones_like(i, dtype=torch.bool),
+                                                 backend=backend).logp
 
     return {
         "reference": ref.dense_logprobs_fp32,
         "dppo": lambda x, i: vocab_parallel_logprobs(x, i, backend="compile"),
         "dppo_eager": lambda x, i: vocab_parallel_logprobs(x, i, backend="eager"),
         "read_floor": lambda x, i: x.amax(-1),
+        "triton": lambda x, i: vocab_parallel_logprobs(x, i, backend="triton"),
+        "dppo_sq": with_rest_sq("compile"),
+        "triton_sq": with_rest_sq("triton"),
     }[name]
 
 
@@ -86,7 +101,7 @@ def run_one(provider: str, n: int, dtype_name: str, device: str, reps: int) -> d
     fn = _provider(provider)
     out = fn(logits, ids)  # warm-up, compile
     err = None
-    if provider.startswith("dppo"):
+    if provider not in ("reference", "read_floor"):
         rows = slice(0, min(n, 64))
         err = float((out[rows].double().cpu() - ref.logprobs_at(logits[rows].cpu(), ids[rows].cpu())).abs().max())
     del out
@@ -139,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all on cuda, CPU_PROVIDERS on cpu")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", help="JSON path (default benchmarks/results/vocab_parallel_<device>.json)")
     p.add_argument("--one", nargs=3, metavar=("PROVIDER", "N", "DTYPE"), help=argparse.SUPPRESS)
@@ -148,10 +163,15 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(a.one[0], int(a.one[1]), a.one[2], a.device, a.reps)))
         return 0
     sizes = a.sizes or ([512, 2048, 8192] if a.device == "cpu" else [4096, 16384, 32768])
+    providers = a.providers or list(CPU_PROVIDERS if a.device == "cpu" else PROVIDERS)
+    if a.device == "cpu" and any(p in GPU_ONLY for p in providers):
+        print(f"skipping {[p for p in providers if p in GPU_ONLY]} on CPU: Triton runs there only through its "
+              "interpreter, a correctness tool (tests/test_triton_kernel_on_cpu.py), not a speed measurement")
+        providers = [p for p in providers if p not in GPU_ONLY]
     results = []
     for dtype in a.dtypes:
         for n in sizes:
-            for prov in a.providers:
+            for prov in providers:
                 reps = a.reps if n <= 2048 or prov != "reference" else max(3, a.reps // 2)
                 r = _subprocess(a.device, reps, prov, n, dtype, {})
                 if a.device == "cpu":
@@ -191,13 +211,19 @@ def _ratios(results) -> list[str]:
     for (prov, n, dt), r in sorted(by.items()):
         ref = by.get(("reference", n, dt))
         floor = by.get(("read_floor", n, dt))
-        if prov != "dppo" or ref is None:
+        if prov not in ("dppo", "triton") or ref is None:
             continue
-        line = (f"{dt} N={n}: dppo is {ref['median_ms'] / r['median_ms']:.2f}x faster than reference, "
+        line = (f"{dt} N={n}: {prov} is {ref['median_ms'] / r['median_ms']:.2f}x faster than reference, "
                 f"extra memory {r['extra_mib']:.1f} MiB = 1/{ref['extra_mib'] / max(r['extra_mib'], 1e-3):.0f} of reference's")
         if floor is not None:
             line += f", {r['median_ms'] / floor['median_ms']:.2f}x the one-read floor"
         lines.append(line)
+    for base, fused in (("dppo", "triton"), ("dppo_sq", "triton_sq")):  # measured, not assumed
+        for (prov, n, dt), r in sorted(by.items()):
+            b = by.get((base, n, dt))
+            if prov == fused and b is not None:
+                lines.append(f"{dt} N={n}: {fused} takes {r['median_ms'] / b['median_ms']:.2f}x the time of {base} "
+                             f"(compiled torch), extra memory {r['extra_mib']:.1f} vs {b['extra_mib']:.1f} MiB")
     return lines
 
 

@@ -49,9 +49,10 @@ def install() -> None:
 
 
 def loss_modes() -> list[str]:
-    from .ops.divergence import divergence_names
+    """Every registered loss mode: ``<shape>_<divergence>_<estimator>`` (e.g. ``dppo_tv_topk``, ``drpo_kl_binary``)."""
+    from .losses import loss_mode_names
 
-    return [f"dppo_{n}_{e}" for n in divergence_names() for e in ("binary", "topk")]
+    return loss_mode_names()
 
 
 install()

@@ -1,14 +1,15 @@
-"""DPPO policy losses with verl 0.9.1's ``PolicyLossFn`` signature, one per registered divergence x estimator.
+"""Policy losses with verl 0.9.1's ``PolicyLossFn`` signature, one per loss shape x divergence x estimator.
 
 Shapes: ``[B, T]`` per response token (the padded layout verl's ``ppo_loss`` hands a policy loss).
 
-Per token (Eq. 11 with truncated importance sampling)::
+Per token (Eq. 11 with truncated importance sampling; ``w_t`` the loss shape's weight, :mod:`dppo_verl.ops.shapes`)::
 
-    loss_t = -A_t * stopgrad(min(r_t, C)) * M_t * log pi_t,    r_t = pi_t / mu_t
+    loss_t = -A_t * stopgrad(min(r_t, C) * w_t * V_b) * log pi_t,    r_t = pi_t / mu_t
 
-so the gradient is -A_t min(r_t, C) M_t grad log pi_t, M_t being the Eq. 12 trust-region mask
-(:func:`dppo_verl.ops.mask.trust_region_mask`). Aggregation is verl's own ``agg_loss`` with
-``config.global_batch_info``, as in every verl loss.
+so the gradient is -A_t min(r_t, C) w_t V_b grad log pi_t. ``w_t`` is the Eq. 12 trust-region mask M_t for ``dppo_*``
+and ``cppo_*`` modes (:func:`dppo_verl.ops.mask.trust_region_mask`) and DRPO's smooth weight for ``drpo_*``;
+``V_b`` is the optional TRM sequence veto (``delta_seq``, :func:`dppo_verl.ops.mask.sequence_keep`), 1 when off.
+Aggregation is verl's own ``agg_loss`` with ``config.global_batch_info``, as in every verl loss.
 
 The anchor mu is the rollout engine's ``rollout_log_probs`` (the paper's choice), read from the hand-off
 (:mod:`dppo_verl.handoff`) for binary and Top-K modes alike; ``anchor=old`` (binary only) uses the
@@ -27,10 +28,13 @@ import torch
 from .config import DPPOKnobs, resolve_knobs
 from .handoff import HandOff, current_handoff
 from .ops.checks import check_finite_logprobs, check_shape
-from .ops.divergence import DivergenceSpec, add_registration_listener, get_divergence
-from .ops.mask import trust_region_mask
+from .ops.divergence import DivergenceSpec, add_registration_listener, divergence_names, get_divergence
+from .ops.mask import sequence_keep
+from .ops.shapes import LossShape, TokenView, add_shape_listener, get_loss_shape, loss_shape_names
 
-__all__ = ["MAX_METRICS", "METRIC_PREFIX", "compute_dppo_loss", "make_policy_loss", "register_loss_modes"]
+__all__ = [
+    "MAX_METRICS", "METRIC_PREFIX", "compute_dppo_loss", "loss_mode_names", "make_policy_loss", "register_loss_modes",
+]
 
 METRIC_PREFIX = "actor/dppo/"
 # Metrics that must be aggregated as maxima across micro-batches and ranks (verl averages by default; the
@@ -55,21 +59,26 @@ def _max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.any(), top, 0.0)
 
 
-def _metrics(keep, divergence, log_prob, mu, log_ratio, advantages, mask, cap, support_size) -> dict[str, float]:
-    dropped = ~keep
-    ratio = torch.exp(log_ratio.clamp(max=20.0))  # clamp as verl does: the metric stays finite
+def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float) -> dict[str, float]:
+    """``t``: ``keep``, ``weight``, ``divergence``, ``log_prob``, ``mu``, ``log_ratio``, ``advantages``,
+    ``support_size`` ``[B, T]`` and ``seq_keep`` ``[B]`` (all True when the TRM veto is off)."""
+    dropped, adv = ~t["keep"], t["advantages"]
+    ratio = torch.exp(t["log_ratio"].clamp(max=20.0))  # clamp as verl does: the metric stays finite
+    has_tokens = mask.any(-1)  # [B]
     m = {
         "masked_frac": _mean(dropped, mask),
-        "masked_frac_pos": _mean(dropped, mask & (advantages > 0)),
-        "masked_frac_neg": _mean(dropped, mask & (advantages < 0)),
-        "divergence_mean": _mean(divergence, mask),
-        "divergence_max": _max(divergence, mask),
-        "mismatch_abs_mean": _mean((log_prob.exp() - mu.exp()).abs(), mask),
-        "truncated_frac": _mean(log_ratio > math.log(cap), mask),
+        "masked_frac_pos": _mean(dropped, mask & (adv > 0)),
+        "masked_frac_neg": _mean(dropped, mask & (adv < 0)),
+        "seq_dropped_frac": _mean(~t["seq_keep"], has_tokens),
+        "weight_mean": _mean(t["weight"], mask),
+        "divergence_mean": _mean(t["divergence"], mask),
+        "divergence_max": _max(t["divergence"], mask),
+        "mismatch_abs_mean": _mean((t["log_prob"].exp() - t["mu"].exp()).abs(), mask),
+        "truncated_frac": _mean(t["log_ratio"] > math.log(cap), mask),
         "ratio_mean": _mean(ratio, mask),
         "ratio_max": _max(ratio, mask),
-        "support_size": _mean(support_size, mask),
-        "ppo_kl": _mean(mu - log_prob, mask),
+        "support_size": _mean(t["support_size"], mask),
+        "ppo_kl": _mean(t["mu"] - t["log_prob"], mask),
     }
     values = torch.stack(list(m.values())).tolist()  # one device sync for all metrics
     m = dict(zip(m, values))
@@ -95,29 +104,34 @@ def compute_dppo_loss(
     push: Optional[torch.Tensor] = None,
     support_size: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 11 loss and metrics from per-token tensors ``[B, T]`` (``divergence`` already computed)."""
+    """Loss (module docstring) and metrics from per-token tensors ``[B, T]`` (``divergence`` already computed)."""
     from verl.trainer.ppo.core_algos import agg_loss
 
     mask = response_mask.bool()
     lp = log_prob.detach().float()
     mu = mu_logp.float()
-    keep = trust_region_mask(
-        divergence, lp, mu, advantages, delta_low=knobs.delta_low, delta_high=knobs.delta_high, push=push
-    )
+    view = TokenView(divergence.float(), lp, mu, advantages, mask, push)
+    shaped = get_loss_shape(knobs.shape).fn(view, knobs)
+    seq_keep = torch.ones(mask.shape[:-1], dtype=torch.bool, device=mask.device)  # [B]
+    if knobs.delta_seq is not None:
+        seq_keep, _ = sequence_keep(divergence, mask, delta_seq=knobs.delta_seq, agg=knobs.seq_agg)
+    weight = shaped.weight * seq_keep.unsqueeze(-1)  # [B, T]
     log_ratio = lp - mu
     # min(r, C) = exp(min(log r, log C)): no overflow however far pi and mu drift apart.
-    weight = torch.exp(log_ratio.clamp(max=math.log(knobs.truncation_cap)))
-    # Zero outside the response (and for masked tokens) *before* multiplying by log pi, so padding (which
-    # may hold -inf / garbage logprobs) can neither reach the sum nor turn the gradient into NaN.
-    coeff = torch.where(mask & keep, -advantages.float() * weight, 0.0).detach()
+    truncated = torch.exp(log_ratio.clamp(max=math.log(knobs.truncation_cap)))
+    # Zero outside the response *before* multiplying by log pi, so padding (which may hold -inf / garbage
+    # logprobs, or a NaN divergence) can neither reach the sum nor turn the gradient into NaN.
+    coeff = torch.where(mask, -advantages.float() * truncated * weight, 0.0).detach()
     pg_losses = coeff * log_prob
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     pg_loss = agg_loss(
         loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **(global_batch_info or {})
     )
-    size = torch.ones_like(mu) if support_size is None else support_size
-    return pg_loss, _metrics(keep, divergence, lp, mu, log_ratio, advantages, mask, knobs.truncation_cap, size)
+    parts = dict(keep=shaped.keep, weight=weight, divergence=divergence, log_prob=lp, mu=mu, log_ratio=log_ratio,
+                 advantages=advantages, seq_keep=seq_keep,
+                 support_size=torch.ones_like(mu) if support_size is None else support_size)
+    return pg_loss, _metrics(parts, mask, knobs.truncation_cap)
 
 
 def _mu_from(handoff: Optional[HandOff], old_log_prob, knobs: DPPOKnobs, mode: str) -> torch.Tensor:
@@ -144,8 +158,12 @@ def _topk_inputs(handoff: Optional[HandOff], knobs: DPPOKnobs, mode: str, shape)
     push = None
     if knobs.direction == "predictive":
         if handoff.ddot is None:
-            raise ValueError(f"{mode}: direction=predictive needs 'dppo_ddot' from the actor integration")
+            raise ValueError(
+                f"{mode}: direction=predictive needs 'dppo_ddot' (the Top-K divergence's rate along the sampled "
+                "token's gradient) from the dppo_verl actor integration's logits hook; it did not reach the loss"
+            )
         push = handoff.ddot
+        check_shape("dppo_ddot", push, list(shape))
     return div, push, handoff.support_size
 
 
@@ -195,7 +213,7 @@ def _policy_loss(
 
 
 def make_policy_loss(loss_mode: str):
-    """A function with verl's ``PolicyLossFn`` signature for ``dppo_<divergence>_<binary|topk>``."""
+    """A function with verl's ``PolicyLossFn`` signature for ``<shape>_<divergence>_<binary|topk>``."""
     fn = functools.partial(_policy_loss, loss_mode=loss_mode)
     fn = functools.update_wrapper(fn, _policy_loss)
     fn.__name__ = fn.__qualname__ = f"compute_policy_loss_{loss_mode}"
@@ -203,11 +221,11 @@ def make_policy_loss(loss_mode: str):
     return fn
 
 
-def _register_modes_for(spec: DivergenceSpec) -> None:
+def _register_mode(shape: str, divergence: str) -> None:
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
 
     for estimator in ("binary", "topk"):
-        mode = f"dppo_{spec.name}_{estimator}"
+        mode = f"{shape}_{divergence}_{estimator}"
         existing = POLICY_LOSS_REGISTRY.get(mode)
         if existing is not None:
             if getattr(existing, "dppo_loss_mode", None) == mode:
@@ -216,12 +234,29 @@ def _register_modes_for(spec: DivergenceSpec) -> None:
         register_policy_loss(mode)(make_policy_loss(mode))
 
 
+def _register_modes_for(spec: DivergenceSpec) -> None:
+    """Every shape's ``<shape>_<spec.name>_{binary,topk}`` (called for each divergence, now and registered later)."""
+    for shape in loss_shape_names():
+        _register_mode(shape, spec.name)
+
+
+def _on_shape(shape: LossShape) -> None:
+    for name in divergence_names():
+        _register_mode(shape.name, name)
+
+
+def loss_mode_names() -> list[str]:
+    """Every ``<shape>_<divergence>_<estimator>`` mode of the registered shapes and divergences."""
+    return [f"{s}_{d}_{e}" for s in loss_shape_names() for d in divergence_names() for e in ("binary", "topk")]
+
+
 _REGISTERED = False
 
 
 def register_loss_modes() -> None:
-    """Register ``dppo_<name>_{binary,topk}`` in verl for every divergence, now and registered later."""
+    """Register ``<shape>_<divergence>_{binary,topk}`` in verl for every shape x divergence, now and later."""
     global _REGISTERED
     if not _REGISTERED:
         _REGISTERED = True
         add_registration_listener(_register_modes_for)
+        add_shape_listener(_on_shape)

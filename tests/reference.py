@@ -79,3 +79,122 @@ def dense_logprobs_fp32(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
     """The obvious fp32 implementation users write today (the benchmark's ``reference`` provider):
     a full ``N x V`` fp32 copy and a full ``N x V`` log-softmax, then a gather."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.long())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "Beyond the paper" references (issue #9): predictive direction, DRPO, CPPO, TRM. Dense fp64, naive, no code under
+# test. The rest bucket is always summed over the complement, never taken as 1 - sum.
+
+
+def partition_divergence(name: str, pi: torch.Tensor, mu_cells: torch.Tensor, support: list[int]) -> torch.Tensor:
+    """Differentiable (through ``pi`` [V]) TV or KL(mu || pi) over {each id of ``support``} + {rest}.
+
+    ``mu_cells`` [len(support) + 1]: mu at the (distinct) support ids, then mu_rest. Returns a 0-d fp64 tensor.
+    """
+    inside = torch.zeros(pi.shape[-1], dtype=torch.bool)
+    inside[support] = True
+    p = torch.cat([pi[support], pi[~inside].sum().reshape(1)])
+    q = mu_cells.to(F64)
+    if name == "tv":
+        return 0.5 * (q - p).abs().sum()
+    if name == "kl":
+        nz = q > 0
+        return (q[nz] * (q[nz].log() - p[nz].log())).sum()
+    raise ValueError(name)
+
+
+def predictive_ddot_autograd(name: str, z: torch.Tensor, mu_cells: torch.Tensor, support: list[int], k: int,
+                             eps: float = 0.0) -> float:
+    """d/d e D(softmax(z + e (e_k - pi))) at e = ``eps`` by fp64 autograd, ``z`` [V] full-vocabulary logits.
+
+    The direction v = e_k - pi is fixed at e = 0 (the logit-space gradient of log pi_k at the current policy).
+    At a kink torch's abs'(0) = 0 applies.
+    """
+    z = z.to(F64)
+    v = -torch.softmax(z, -1)
+    v[k] += 1.0
+    e = torch.tensor(float(eps), dtype=F64, requires_grad=True)
+    d = partition_divergence(name, torch.softmax(z + e * v, -1), mu_cells, support)
+    (g,) = torch.autograd.grad(d, e)
+    return float(g)
+
+
+def predictive_one_sided(name: str, z: torch.Tensor, mu_cells: torch.Tensor, support: list[int], k: int,
+                         h: float = 1e-7) -> tuple[float, float]:
+    """(right, left) finite-difference derivatives of D along e_k - pi at e = 0, fp64."""
+    z = z.to(F64)
+    v = -torch.softmax(z, -1)
+    v[k] += 1.0
+
+    def d(e):
+        return float(partition_divergence(name, torch.softmax(z + e * v, -1), mu_cells, support))
+
+    return (d(h) - d(0.0)) / h, (d(0.0) - d(-h)) / h
+
+
+def kl_topk_ddot_closed_form(pi: torch.Tensor, mu_cells: torch.Tensor, support: list[int], k: int) -> float:
+    """SPEC's exact form: (pi_k - mu_k) - sum_S pi_i (pi_i - mu_i) - (1 - mu_R / pi_R) sum_{j not in S} pi_j^2."""
+    pi = pi.to(F64)
+    inside = torch.zeros(pi.shape[-1], dtype=torch.bool)
+    inside[support] = True
+    mu_s, mu_r = mu_cells[:-1].to(F64), float(mu_cells[-1])
+    pi_s, pi_r = pi[support], float(pi[~inside].sum())
+    mu_k = float(mu_s[support.index(k)])
+    return float(pi[k] - mu_k - (pi_s * (pi_s - mu_s)).sum() - (1 - mu_r / pi_r) * pi[~inside].square().sum())
+
+
+def kl_topk_ddot_coarse(pi: torch.Tensor, mu_cells: torch.Tensor, support: list[int], k: int) -> float:
+    """The single-rest-logit approximation some forks use: last term replaced by -pi_R (pi_R - mu_R)."""
+    pi = pi.to(F64)
+    inside = torch.zeros(pi.shape[-1], dtype=torch.bool)
+    inside[support] = True
+    mu_s, mu_r = mu_cells[:-1].to(F64), float(mu_cells[-1])
+    pi_s, pi_r = pi[support], float(pi[~inside].sum())
+    mu_k = float(mu_s[support.index(k)])
+    return float(pi[k] - mu_k - (pi_s * (pi_s - mu_s)).sum() - pi_r * (pi_r - mu_r))
+
+
+def drpo_objective(logp: torch.Tensor, mu_logp: torch.Tensor, adv: torch.Tensor, delta_low: float,
+                   delta_high: float) -> torch.Tensor:
+    """DRPO per-token loss as reported (arXiv 2606.09821): -A r + |A| (pi - mu)^2 / (2 delta mu), differentiable
+    through ``logp``; delta = delta_high where A > 0, else delta_low. fp64 ``[...]``."""
+    logp, mu_logp, adv = logp.to(F64), mu_logp.to(F64), adv.to(F64)
+    pi, mu = logp.exp(), mu_logp.exp()
+    delta = torch.where(adv > 0, delta_high, delta_low).to(F64)
+    return -adv * pi / mu + adv.abs() * (pi - mu).square() / (2 * delta * mu)
+
+
+def trm_keep(div: list[float], mask: list[bool], delta_seq: float, agg: str) -> bool:
+    """TRM (arXiv 2512.23075) for one sequence: keep iff max_t (or mean_t) D_t over response tokens <= delta_seq."""
+    vals = [d for d, m in zip(div, mask) if m]
+    if not vals:
+        return True
+    stat = max(vals) if agg == "max" else sum(vals) / len(vals)
+    return stat <= delta_seq
+
+
+def cppo_keep(pi: list[float], mu: list[float], adv: list[float], mask: list[bool], delta_low: float,
+              delta_high: float, w_min: float, delta_pre: float, q: float = 0.9) -> list[bool]:
+    """CPPO Binary-TV keep-mask for one response (arXiv 2606.10968), token by token with running sums."""
+    length = max((t + 1 for t, m in enumerate(mask) if m), default=0)
+    d = [abs(p - m) for p, m in zip(pi, mu)]
+    valid = sorted(d[t] for t in range(len(d)) if mask[t])
+    if valid:
+        pos = q * (len(valid) - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, len(valid) - 1)
+        quant = valid[lo] + (pos - lo) * (valid[hi] - valid[lo])
+    else:
+        quant = 0.0
+    rate = min(max(quant, delta_pre), 2 * delta_pre)
+    keep, drift, weight = [], 0.0, 0.0
+    for t in range(len(d)):
+        w = 1.0 - (1.0 - w_min) * t / max(length - 1, 1) if t < length else 0.0
+        delta = delta_high if adv[t] > 0 else delta_low
+        tau = min(delta, delta + rate * weight - drift)
+        outward = (adv[t] > 0 and pi[t] > mu[t]) or (adv[t] < 0 and pi[t] < mu[t])
+        keep.append(not (mask[t] and outward and w * d[t] > tau))
+        if mask[t]:
+            drift += w * d[t]
+            weight += w
+    return keep

@@ -209,8 +209,9 @@ def test_config_validation():
         DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", delta_high=-0.1)
     with pytest.raises(ValueError, match="anchor=old is not available for dppo_tv_topk"):
         DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", anchor="old")
-    with pytest.raises(ValueError, match="direction=predictive is not available yet"):
-        DPPOPolicyLossConfig(loss_mode="dppo_kl_topk", direction="predictive")
+    with pytest.raises(ValueError, match="direction=predictive needs a Top-K mode, got dppo_kl_binary"):
+        DPPOPolicyLossConfig(loss_mode="dppo_kl_binary", direction="predictive")
+    assert DPPOPolicyLossConfig(loss_mode="dppo_kl_topk", direction="predictive").direction == "predictive"
 
 
 def test_plain_policy_loss_config_takes_defaults():

@@ -15,7 +15,8 @@ length P sits at row P - 1 + j. The rollout tensors are response-only (``rollout
 onto the packed full-sequence rows, then reuse verl's own layout helpers (Ulysses ``slice_input_tensor``,
 Megatron ``preprocess_thd_engine`` / ``preprocess_bshd_engine``) so our rows line up with the logits exactly
 as verl's distillation tensors do. The result is per-row scalars (``dppo_divergence``,
-``dppo_support_size``) of the logits' leading shape; the engines gather/unpack them like ``log_probs``.
+``dppo_support_size``, and ``dppo_ddot`` for the predictive direction, :mod:`dppo_verl.ops.predictive`) of the
+logits' leading shape; the engines gather/unpack them like ``log_probs``.
 
 Nothing here keeps a reference to the logits (both engines reuse that buffer in place afterwards) and
 everything runs under no_grad: the divergence only drives the mask.
@@ -29,7 +30,8 @@ import torch
 
 from ..ops.divergence import get_divergence
 from ..ops.support import build_support
-from ..ops.vocab_parallel import vocab_parallel_logprobs
+from ..ops.predictive import predictive_ddot
+from ..ops.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_stats
 
 __all__ = ["TOPK_KEYS", "sequence_lengths", "response_values", "packed_support_inputs", "topk_outputs"]
 
@@ -136,9 +138,26 @@ def _layout_like_logits(x: torch.Tensor, offsets: torch.Tensor, data_format: Opt
     raise ValueError(f"unknown data_format {data_format!r} from the Megatron engine")
 
 
+def _row_outputs(logits: torch.Tensor, sup, row_valid: torch.Tensor, knobs, tp_group) -> dict:
+    """One ``[s, V_local]`` slab of rows -> per-row ``dppo_*`` scalars ``[s]`` (0 on rows that are not response)."""
+    fn = get_divergence(knobs.divergence).fn
+    out = {"dppo_support_size": torch.where(row_valid, sup.size, 0.0)}
+    if knobs.direction == "predictive":
+        # Q_R = sum_{j not in S} pi_j^2 rides in the vocab-parallel SUM (one more float per row).
+        st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid)
+        pi_logp = st.logp  # [s, K + 1]
+        ddot = predictive_ddot(fn, pi_logp, sup.mu_logp, sup.valid, sup.is_sampled, st.rest_sq)
+        out["dppo_ddot"] = torch.where(row_valid, ddot, 0.0)
+    else:
+        pi_logp = vocab_parallel_logprobs(logits, sup.ids, tp_group=tp_group)  # [s, K + 1]
+    out["dppo_divergence"] = torch.where(row_valid, fn(pi_logp, sup.mu_logp, sup.valid), 0.0)
+    return out
+
+
 @torch.no_grad()
 def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, data_format=None) -> dict:
-    """Per-row ``dppo_divergence`` and ``dppo_support_size`` with the logits' leading shape ``[b, s]``."""
+    """Per-row ``dppo_divergence``, ``dppo_support_size`` (and ``dppo_ddot`` for ``direction=predictive``), each
+    with the logits' leading shape ``[b, s]``."""
     packed = packed_support_inputs(data, knobs.num_topk)
     offsets = packed.pop("offsets")
     packed["row_valid"] = packed["row_valid"].to(torch.uint8)  # padding helpers pad with 0; bool cannot be padded
@@ -153,13 +172,10 @@ def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, da
             )
     tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
     vocab = student_logits.shape[-1] * tp
-    fn = get_divergence(knobs.divergence).fn
-    divs, sizes = [], []
+    rows = []
     for b in range(lead[0]):  # b = 1 except Megatron BSHD; logits[b] is a 2-D view, never a copy
         row_valid = laid["row_valid"][b].bool()
         sup = build_support(laid["sampled"][b], laid["mu"][b], laid["topk_ids"][b], laid["topk_logp"][b],
                             vocab_size=vocab, num_topk=knobs.num_topk, row_valid=row_valid)
-        pi_logp = vocab_parallel_logprobs(student_logits[b], sup.ids, tp_group=tp_group)  # [s, K + 1]
-        divs.append(torch.where(row_valid, fn(pi_logp, sup.mu_logp, sup.valid), 0.0))
-        sizes.append(torch.where(row_valid, sup.size, 0.0))
-    return {"dppo_divergence": torch.stack(divs), "dppo_support_size": torch.stack(sizes)}
+        rows.append(_row_outputs(student_logits[b], sup, row_valid, knobs, tp_group))
+    return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}

@@ -27,6 +27,7 @@ class Support(NamedTuple):
     ids: torch.Tensor  # [..., M] int64 global token ids
     mu_logp: torch.Tensor  # [..., M] fp32 rollout log-probabilities, -inf where invalid
     valid: torch.Tensor  # [..., M] bool
+    is_sampled: torch.Tensor  # [..., M] bool, True at the one valid slot holding a_t (the predictive direction's k)
 
     @property
     def size(self) -> torch.Tensor:
@@ -73,7 +74,8 @@ def build_support(
             raise ValueError("rollout_topk_logprobs given without rollout_topk_ids")
         valid = torch.ones_like(sampled_ids, dtype=torch.bool) if row_valid is None else row_valid.clone()
         mu = sampled_logp.float().masked_fill(~valid, float("-inf"))
-        return Support(torch.where(valid, sampled_ids, 0).unsqueeze(-1), mu.unsqueeze(-1), valid.unsqueeze(-1))
+        valid = valid.unsqueeze(-1)
+        return Support(torch.where(valid, sampled_ids.unsqueeze(-1), 0), mu.unsqueeze(-1), valid, valid.clone())
 
     if topk_logp is None:
         raise ValueError("rollout_topk_ids given without rollout_topk_logprobs")
@@ -108,4 +110,6 @@ def build_support(
     mu = torch.cat([topk_logp, sampled_logp.float().unsqueeze(-1)], dim=-1)
     ids = torch.where(valid, ids, 0)
     mu = mu.masked_fill(~valid, float("-inf"))
-    return Support(ids, mu, valid)
+    # a_t sits either in its top-K rank or in the appended slot, never both (the appended one is then invalid).
+    is_sampled = valid & (ids == sampled_ids.unsqueeze(-1))
+    return Support(ids, mu, valid, is_sampled)

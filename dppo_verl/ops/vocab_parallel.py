@@ -6,7 +6,8 @@ Notation: ``N`` rows (packed tokens), ``M`` ids per row (K + 1 support slots), `
 
 Pipeline (SPEC, "Vocab-parallel evaluation"); every all-reduce is a no-op at tp = 1 / ``tp_group=None``::
 
-    1. read the shard once (compiled: one fused kernel; eager: row chunks): per row the local log-sum-exp  l_r = log sum_j exp(x_j)   [N]
+    1. read the shard once (compiled: one fused kernel; eager: row chunks; triton: one streaming kernel
+       with an online max / sum-exp): per row the local log-sum-exp  l_r = log sum_j exp(x_j)              [N]
        (optionally the predictive statistic  q_r = sum_{j not in S} exp(2 (x_j - l_r))            [N])
        and the logits at the ids that fall in this shard (0 elsewhere)                         [N, M]
     2. all-reduce MAX  of l_r                          -> L                                     [N]
@@ -21,8 +22,9 @@ calls ``log_softmax`` on the local shard with global ids instead, which is right
 Memory: the shard is never converted to fp32 as a whole (an ``N x V_local`` fp32 copy is 10 GB at
 N = 16k, V = 152k). The compiled backend (default) fuses the cast into the reduction and keeps no
 per-element temporary; the eager backend (reference, fallback) and the optional statistic process rows in
-chunks sized from ``chunk_bytes``, so the peak extra memory is O(chunk * V_local + N * M). The inputs are
-never modified.
+chunks sized from ``chunk_bytes``, so the peak extra memory is O(chunk * V_local + N * M). The opt-in triton
+backend (``dppo_verl.ops.kernels``) computes everything of step 1, the optional statistic and the gather
+included, in one pass with O(N * M) extra memory. The inputs are never modified.
 
 Naive equivalent (tp = 1)::
 
@@ -49,7 +51,7 @@ __all__ = ["BACKENDS", "DEFAULT_CHUNK_BYTES", "VocabParallelStats", "vocab_paral
 DEFAULT_CHUNK_BYTES = {"cpu": 8 * 1024 * 1024}
 _DEFAULT_CHUNK_BYTES_ACCEL = 256 * 1024 * 1024
 _TEMPS_PER_ELEMENT = 3  # fp32 copy + exp buffer (+ the optional squared-probability buffer)
-BACKENDS = ("auto", "compile", "eager")
+BACKENDS = ("auto", "compile", "eager", "triton")
 logger = logging.getLogger(__name__)
 
 
@@ -171,6 +173,20 @@ def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes, backend):
     return lse_local, rest_sq
 
 
+def _triton_local_pass(logits, ids, vocab_start, exclude):
+    """Step 1 by the fused Triton kernel: (local lse [N], q_r [N] or None, gathered logits [N, M]).
+
+    The kernel returns the shard's max m and sum-exp s; l_r = m + log s and q_r = q_m / s^2 put them in the
+    form the combine below expects (q_r relative to l_r, q_m relative to m; s >= 1, so no overflow).
+    """
+    from .kernels import load_vocab_stats_triton  # imports triton only when this backend is asked for
+
+    st = load_vocab_stats_triton().triton_vocab_stats(logits, ids, vocab_start=vocab_start, sq_exclude=exclude)
+    lse_r = st.row_max + torch.log(st.sumexp)  # [N]; -inf for an all -inf (padding) shard
+    q_r = None if st.rest_sq is None else torch.where(st.sumexp > 0, st.rest_sq / st.sumexp.square(), 0.0)
+    return lse_r, q_r, st.gathered
+
+
 @torch.no_grad()
 def vocab_parallel_stats(
     logits: torch.Tensor,
@@ -192,7 +208,9 @@ def vocab_parallel_stats(
         chunk_bytes: budget for the per-chunk fp32 temporaries (eager path and the optional statistic);
             None picks a per-device default (``DEFAULT_CHUNK_BYTES``).
         backend: ``compile`` (torch.compile'd fused cast + logsumexp: one read, no temporaries), ``eager``
-            (row chunks, the reference path), ``auto`` (compile; eager with a warning if compiling fails).
+            (row chunks, the reference path), ``auto`` (compile; eager with a warning if compiling fails),
+            ``triton`` (opt-in fused kernel, ``dppo_verl.ops.kernels``: needs triton and a GPU, or CPU
+            tensors under ``TRITON_INTERPRET=1``; ignores ``chunk_bytes``).
 
     Returns:
         :class:`VocabParallelStats` (fp32). Not differentiable: the divergence only drives a mask.
@@ -204,11 +222,13 @@ def vocab_parallel_stats(
         check_shape("sq_exclude", sq_exclude, list(ids.shape))
     ids = ids.long()
     lo = rank * v_local
-    in_shard = (ids >= lo) & (ids < lo + v_local)  # [N, M]
-    local_ids = torch.where(in_shard, ids - lo, 0)  # [N, M]
-
-    lse_r, q_r = _local_pass(logits, local_ids, in_shard, sq_exclude, chunk_bytes, backend)
-    gathered = torch.where(in_shard, logits.gather(1, local_ids).float(), 0.0)  # [N, M]
+    if backend == "triton":
+        lse_r, q_r, gathered = _triton_local_pass(logits, ids, lo, sq_exclude)
+    else:
+        in_shard = (ids >= lo) & (ids < lo + v_local)  # [N, M]
+        local_ids = torch.where(in_shard, ids - lo, 0)  # [N, M]
+        lse_r, q_r = _local_pass(logits, local_ids, in_shard, sq_exclude, chunk_bytes, backend)
+        gathered = torch.where(in_shard, logits.gather(1, local_ids).float(), 0.0)  # [N, M]
 
     if tp > 1:
         lse_max = lse_r.clone()
