@@ -132,25 +132,24 @@ def predictive_one_sided(name: str, z: torch.Tensor, mu_cells: torch.Tensor, sup
     return (d(h) - d(0.0)) / h, (d(0.0) - d(-h)) / h
 
 
-def kl_topk_ddot_closed_form(pi: torch.Tensor, mu_cells: torch.Tensor, support: list[int], k: int) -> float:
-    """SPEC's exact form: (pi_k - mu_k) - sum_S pi_i (pi_i - mu_i) - (1 - mu_R / pi_R) sum_{j not in S} pi_j^2."""
+def _kl_topk_parts(pi: torch.Tensor, mu_cells: torch.Tensor, support: list[int], k: int):
+    """fp64 pieces shared by the exact and the coarse form: pi, mu_S, mu_R, pi_S, pi_R, mu_k, mask of S."""
     pi = pi.to(F64)
     inside = torch.zeros(pi.shape[-1], dtype=torch.bool)
     inside[support] = True
     mu_s, mu_r = mu_cells[:-1].to(F64), float(mu_cells[-1])
-    pi_s, pi_r = pi[support], float(pi[~inside].sum())
-    mu_k = float(mu_s[support.index(k)])
+    return pi, mu_s, mu_r, pi[support], float(pi[~inside].sum()), float(mu_s[support.index(k)]), inside
+
+
+def kl_topk_ddot_closed_form(pi: torch.Tensor, mu_cells: torch.Tensor, support: list[int], k: int) -> float:
+    """SPEC's exact form: (pi_k - mu_k) - sum_S pi_i (pi_i - mu_i) - (1 - mu_R / pi_R) sum_{j not in S} pi_j^2."""
+    pi, mu_s, mu_r, pi_s, pi_r, mu_k, inside = _kl_topk_parts(pi, mu_cells, support, k)
     return float(pi[k] - mu_k - (pi_s * (pi_s - mu_s)).sum() - (1 - mu_r / pi_r) * pi[~inside].square().sum())
 
 
 def kl_topk_ddot_coarse(pi: torch.Tensor, mu_cells: torch.Tensor, support: list[int], k: int) -> float:
     """The single-rest-logit approximation some forks use: last term replaced by -pi_R (pi_R - mu_R)."""
-    pi = pi.to(F64)
-    inside = torch.zeros(pi.shape[-1], dtype=torch.bool)
-    inside[support] = True
-    mu_s, mu_r = mu_cells[:-1].to(F64), float(mu_cells[-1])
-    pi_s, pi_r = pi[support], float(pi[~inside].sum())
-    mu_k = float(mu_s[support.index(k)])
+    pi, mu_s, mu_r, pi_s, pi_r, mu_k, _ = _kl_topk_parts(pi, mu_cells, support, k)
     return float(pi[k] - mu_k - (pi_s * (pi_s - mu_s)).sum() - pi_r * (pi_r - mu_r))
 
 
