@@ -18,7 +18,7 @@ PROMPTS, RESPS = [3, 5, 2, 4], [4, 2, 6, 3]
 ATOL = 2e-5  # fp32 matmul logits (~1e-6 relative) + fp32 log-probs, summed over <= K + 2 cells
 
 
-def _worker(rank, world, tp, cp, data_format, name):
+def _worker(rank, world, tp, cp, data_format, name, direction="sampled"):
     from megatron.core import parallel_state as mpu
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -51,7 +51,7 @@ def _worker(rank, world, tp, cp, data_format, name):
         with torch.no_grad():
             logits = head(h_local.transpose(0, 1).contiguous())[0].transpose(0, 1)  # [b, s_local, V/tp]
         assert logits.shape[-1] == V // tp
-        cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode=f"dppo_{name}_topk", num_topk=K))
+        cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode=f"dppo_{name}_topk", num_topk=K, direction=direction))
         out = L.ppo_loss(cfg, student_logits=logits, data=data, data_format=data_format)
         div = out["dppo_divergence"]
         assert div.shape == logits.shape[:2], (div.shape, logits.shape)
@@ -59,10 +59,16 @@ def _worker(rank, world, tp, cp, data_format, name):
         # expected per local row: the reference divergence of the global row it holds (0 off-response)
         expect = torch.zeros(n + 1, dtype=torch.float64)
         size = torch.zeros(n + 1)
+        rate = torch.zeros(n + 1, dtype=torch.float64)
         for b, (p, r) in enumerate(zip(PROMPTS, RESPS)):
             rows = torch.arange(r) + truth["offsets"][b] + p - 1
             expect[rows + 1] = truth["div"][name][b, :r]
             size[rows + 1] = truth["support_size"][b, :r]
+            rate[rows + 1] = truth["ddot"][name][b, :r]
+        if direction == "predictive":  # the extra vocab-parallel statistic (sum_{j not in S} pi_j^2) under TP/CP
+            torch.testing.assert_close(out["dppo_ddot"].double(), rate[global_row], rtol=0, atol=ATOL)
+        else:
+            assert "dppo_ddot" not in out
         torch.testing.assert_close(div.double(), expect[global_row], rtol=0, atol=ATOL)
         torch.testing.assert_close(out["dppo_support_size"], size[global_row])
         assert int((size[global_row] > 1).sum()) > 0  # this rank really holds response rows
@@ -71,8 +77,9 @@ def _worker(rank, world, tp, cp, data_format, name):
 
 
 @pytest.mark.parametrize(
-    "world,tp,cp,data_format,name",
-    [(2, 2, 1, "thd", "tv"), (2, 1, 2, "thd", "kl"), (2, 2, 1, "bshd", "kl"), (4, 2, 2, "thd", "tv")],
+    "world,tp,cp,data_format,name,direction",
+    [(2, 2, 1, "thd", "tv", "sampled"), (2, 1, 2, "thd", "kl", "sampled"), (2, 2, 1, "bshd", "kl", "predictive"),
+     (4, 2, 2, "thd", "tv", "predictive")],
 )
-def test_megatron_hook_layouts(world, tp, cp, data_format, name):
-    run_distributed(_worker, world, tp, cp, data_format, name)
+def test_megatron_hook_layouts(world, tp, cp, data_format, name, direction):
+    run_distributed(_worker, world, tp, cp, data_format, name, direction)

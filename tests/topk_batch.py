@@ -19,7 +19,8 @@ def nested(rows):
 def make_topk_batch(prompt_lens, resp_lens, vocab, k, *, seed=0, spread=0.5, pi_logits=None, nested_layout=True):
     """Returns ``(data, truth)``. ``pi_logits [N_total, V]`` fp64 (random unless given) are the trainer's
     logits on the packed rows; ``truth['div'][name] [B, R]`` the fp64 partition divergences per response
-    token (0 where response_mask is 0) and ``truth['support_size'] [B, R]``."""
+    token (0 where response_mask is 0), ``truth['ddot'][name] [B, R]`` the predictive rate (fp64 autograd,
+    ``reference.predictive_ddot_autograd``) and ``truth['support_size'] [B, R]``."""
     from tensordict import TensorDict
 
     assert len(prompt_lens) == len(resp_lens) and min(prompt_lens) >= 1, (prompt_lens, resp_lens)  # row P-1 must exist
@@ -34,6 +35,7 @@ def make_topk_batch(prompt_lens, resp_lens, vocab, k, *, seed=0, spread=0.5, pi_
     input_ids, prompts, responses, masks, rlp, tids, tlp = [], [], [], [], [], [], []
     b_count, r_max = len(seq), max(resp_lens)
     div = {"tv": torch.zeros(b_count, r_max, dtype=torch.float64), "kl": torch.zeros(b_count, r_max, dtype=torch.float64)}
+    ddot = {name: torch.zeros(b_count, r_max, dtype=torch.float64) for name in div}
     size = torch.zeros(b_count, r_max)
     for b, (p, r) in enumerate(zip(prompt_lens, resp_lens)):
         prompt = torch.randint(0, vocab, (p,), generator=g)
@@ -52,7 +54,13 @@ def make_topk_batch(prompt_lens, resp_lens, vocab, k, *, seed=0, spread=0.5, pi_
             if mask[j]:
                 for name in div:
                     div[name][b, j] = ref.PARTITION[name](lp[j].exp(), lq[j].exp(), support)
-                size[b, j] = len(set(support))
+                distinct = list(dict.fromkeys(support))
+                mu_s = lq[j].exp()[distinct]
+                mu_cells = torch.cat([mu_s, (1 - mu_s.sum()).clamp_min(0).reshape(1)])
+                for name in ddot:
+                    ddot[name][b, j] = ref.predictive_ddot_autograd(name, pi_logits[rows[j]], mu_cells, distinct,
+                                                                    int(resp[j]))
+                size[b, j] = len(distinct)
         input_ids.append(torch.cat([prompt, resp]))
         prompts.append(prompt)
         responses.append(resp)
@@ -67,7 +75,7 @@ def make_topk_batch(prompt_lens, resp_lens, vocab, k, *, seed=0, spread=0.5, pi_
     if not nested_layout:  # legacy trainer: right-padded response tensors + attention_mask
         td = _dense(td, prompt_lens, resp_lens)
     data = TensorDict(td, batch_size=[b_count])
-    return data, dict(div=div, support_size=size, pi_logits=pi_logits, offsets=offsets)
+    return data, dict(div=div, ddot=ddot, support_size=size, pi_logits=pi_logits, offsets=offsets)
 
 
 def _dense(td, prompt_lens, resp_lens):
