@@ -60,11 +60,14 @@ def test_plugin_active_on_both_nodes():
     port = _port()
     head_tmp, node_tmp = tempfile.mkdtemp(prefix="rh"), tempfile.mkdtemp(prefix="rn")
     addr = f"127.0.0.1:{port}"
-    env = {**os.environ, "DRIVER_ONLY_MARKER": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray >= 2.60 turns token auth on for any cluster once ~/.ray/auth_token exists (a local ray.init(), e.g. the demo
+    # smoke test, writes it): pin the mode on all three processes so the test does not depend on what ran before.
+    env = {**os.environ, "DRIVER_ONLY_MARKER": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     head = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
             "--include-dashboard=false", f"--temp-dir={head_tmp}", '--resources={"head_node": 1}', "--disable-usage-stats"]
     # clean environment: no PATH from the driver beyond the system's, no PYTHONPATH, no VERL_*/marker variables
     second = ["env", "-i", f"HOME={os.environ.get('HOME', '/root')}", "PATH=/usr/bin:/bin", "RAY_USAGE_STATS_ENABLED=0",
+              "RAY_AUTH_MODE=disabled",
               RAY, "start", f"--address={addr}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
               f"--temp-dir={node_tmp}", '--resources={"second_node": 1}', "--disable-usage-stats"]
     try:
