@@ -35,15 +35,12 @@ def _wrap_as_dict(orig):
     @functools.wraps(orig)
     def as_dict(self):
         output = orig(self)
-        extra = output.get("extra_fields") or {}
-        ids, logp = (extra.pop(k, None) for k in TOPK_KEYS)
-        if ids is None and logp is None:
+        found = _pop_topk(output.get("extra_fields") or {})
+        if found is None:
             return output
-        if ids is None or logp is None:
-            raise ValueError(f"rollout returned only one of {TOPK_KEYS} in extra_fields")
         from .rollout_topk import align_to_response
 
-        ids, logp = align_to_response(np.asarray(ids), np.asarray(logp), output["response_mask"].tolist())
+        ids, logp = align_to_response(*found, output["response_mask"].tolist())
         output["rollout_topk_ids"] = torch.from_numpy(ids)
         output["rollout_topk_logprobs"] = torch.from_numpy(logp)
         return output

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -46,7 +46,6 @@ PATCHED_SOURCE_MARKER = "DPPO_TOPK_PATCHED"  # left in verl's source by the patc
 class _TopKRequest:
     k: int
     arrays: Optional[tuple[np.ndarray, np.ndarray]] = None  # ([G, K] int32, [G, K] fp32)
-    seen: list = field(default_factory=list)  # engine classes whose output was captured (tests)
 
 
 _REQUEST: contextvars.ContextVar[Optional[_TopKRequest]] = contextvars.ContextVar("dppo_vllm_topk", default=None)
@@ -97,7 +96,6 @@ def _capture(req: _TopKRequest, final) -> None:
         completion.logprobs = _sampled_only(logprobs)
     else:
         req.arrays = topk_arrays_from_vllm(logprobs, req.k)
-    req.seen.append(type(final).__name__)
 
 
 def _sampled_only(flat):
