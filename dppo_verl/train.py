@@ -28,7 +28,6 @@ __all__ = ["expand_overrides", "compose_config", "main"]
 
 SHORTHANDS = ("actor.policy_loss", "actor_rollout_ref.actor.policy_loss")
 PL = "actor_rollout_ref.actor.policy_loss"
-KNOBS = ("delta_low", "delta_high", "truncation_cap", "num_topk", "anchor", "direction")
 HYDRA_FLAGS = ("--config-path", "--config-name", "--config-dir", "-cp", "-cn", "-cd")
 
 
@@ -43,7 +42,9 @@ def _split(arg: str) -> tuple[str, str, Optional[str]]:
 
 def expand_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """Expand the DPPO shorthands. Returns ``(verl overrides, human-readable expansion lines)``."""
-    from .config import parse_loss_mode
+    from .config import DEFAULTS, parse_loss_mode
+
+    knobs = tuple(DEFAULTS)  # every DPPO knob, so a new one never needs a second list here
 
     out, notes, mode, k = [], [], None, None
     for arg in overrides:
@@ -57,7 +58,7 @@ def expand_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
                 raise SystemExit(f"dppo-verl-train: {arg!r}: unknown DPPO loss mode; valid: {loss_modes()}")
             mode = value
             continue
-        if key.startswith(PL + ".") and key[len(PL) + 1 :] in KNOBS:
+        if key.startswith(PL + ".") and key[len(PL) + 1 :] in knobs:
             prefix = prefix or "+"  # verl's YAML has no such key
             if key.endswith(".num_topk"):
                 k = int(value)

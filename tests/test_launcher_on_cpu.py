@@ -42,6 +42,14 @@ def test_dry_run_resolves_and_validates(capsys):
     assert "dry run" in out
 
 
+def test_every_knob_has_a_short_form(capsys):
+    """Knobs added after the core ones (TRM, CPPO) resolve through the shorthand too (Hydra needs the '+')."""
+    assert main(["actor.policy_loss=cppo_tv_binary", "actor.policy_loss.delta_seq=0.5",
+                 "actor.policy_loss.seq_agg=mean", "actor.policy_loss.cppo_w_min=0.7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "delta_seq: 0.5" in out and "seq_agg: mean" in out and "cppo_w_min: 0.7" in out
+
+
 def test_inconsistent_config_fails_in_the_driver(capsys):
     rc = main(["actor.policy_loss=dppo_kl_topk", "actor_rollout_ref.model.use_fused_kernels=True", "--dry-run"])
     assert rc == 2
