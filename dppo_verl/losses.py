@@ -61,7 +61,8 @@ def _max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float) -> dict[str, float]:
     """``t``: ``keep``, ``weight``, ``divergence``, ``log_prob``, ``mu``, ``log_ratio``, ``advantages``,
-    ``support_size`` ``[B, T]`` and ``seq_keep`` ``[B]`` (all True when the TRM veto is off)."""
+    ``support_size``, ``push`` (None unless predictive) ``[B, T]`` and ``seq_keep`` ``[B]`` (all True when the TRM
+    veto is off)."""
     dropped, adv = ~t["keep"], t["advantages"]
     ratio = torch.exp(t["log_ratio"].clamp(max=20.0))  # clamp as verl does: the metric stays finite
     has_tokens = mask.any(-1)  # [B]
@@ -80,6 +81,8 @@ def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float) -> dict
         "support_size": _mean(t["support_size"], mask),
         "ppo_kl": _mean(t["mu"] - t["log_prob"], mask),
     }
+    if t.get("push") is not None:  # direction=predictive: where its direction disagrees with Eq. 12's pi - mu
+        m["direction_flip_frac"] = _mean(torch.sign(t["push"].float()) != torch.sign(t["log_ratio"]), mask)
     values = torch.stack(list(m.values())).tolist()  # one device sync for all metrics
     m = dict(zip(m, values))
     ppo_kl = m.pop("ppo_kl")
@@ -129,7 +132,7 @@ def compute_dppo_loss(
         loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **(global_batch_info or {})
     )
     parts = dict(keep=shaped.keep, weight=weight, divergence=divergence, log_prob=lp, mu=mu, log_ratio=log_ratio,
-                 advantages=advantages, seq_keep=seq_keep,
+                 advantages=advantages, seq_keep=seq_keep, push=push,
                  support_size=torch.ones_like(mu) if support_size is None else support_size)
     return pg_loss, _metrics(parts, mask, knobs.truncation_cap)
 

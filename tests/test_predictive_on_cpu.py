@@ -256,6 +256,8 @@ def test_predictive_and_sampled_tests_disagree(adv):
             loss, m = get_policy_loss_fn("dppo_kl_topk")(lp.detach(), lp, torch.full((1, 1), adv),
                                                          torch.ones(1, 1, dtype=torch.bool), "token-mean", cfg)
         masked[direction] = m["actor/dppo/masked_frac"]
+        # the metric that shows the predictive direction at work: 1 = it disagreed with pi - mu on every token
+        assert m.get("actor/dppo/direction_flip_frac") == (1.0 if direction == "predictive" else None)
         (g,) = torch.autograd.grad(loss, lp)
         assert (float(g) == 0.0) == (masked[direction] == 1.0)
     assert masked == ({"sampled": 1.0, "predictive": 0.0} if adv > 0 else {"sampled": 0.0, "predictive": 1.0})

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 
-__all__ = ["follow", "format_step", "plot_compare", "plot_run", "read_records"]
+__all__ = ["follow", "format_step", "plot_compare", "plot_run", "read_records", "rolling_mean"]
 
 REWARD = "critic/score/mean"  # verl's compute_data_metrics: mean sequence score of the batch
 MASKED = "actor/dppo/masked_frac"
@@ -268,11 +268,24 @@ def _draw_validation(ax, records: list[dict], drawn: list[str]) -> None:
         drawn.append(VAL_CORE + "*")
 
 
-def plot_compare(runs: dict[str, str], out_png: str, title: str | None = None) -> dict[str, list[str]]:
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` points (the first points average what exists so far)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_compare(runs: dict[str, str], out_png: str, title: str | None = None,
+                 smooth: int = 1) -> dict[str, list[str]]:
     """The same four panels with one line per run (``{label: metrics jsonl}``), e.g. DPPO vs PPO clipping.
 
     The masked panel shows each run's overall fraction (``pg_clipfrac`` for a run without DPPO metrics).
-    Returns ``{panel title: [labels drawn]}``.
+    ``smooth > 1`` draws the trailing ``smooth``-step mean as the line and the raw values as faint dots (a
+    64-sample batch's reward is noisy). Returns ``{panel title: [labels drawn]}``.
     """
     loaded = {label: read_records(path) for label, path in runs.items()}
     plt, fig, axes = _new_figure(title)
@@ -285,8 +298,13 @@ def plot_compare(runs: dict[str, str], out_png: str, title: str | None = None) -
                 continue
             key, steps, values = found
             scale = 100.0 if panel.percent else 1.0
-            ax.plot(steps, [v * scale for v in values], marker=".",
-                    label=label if key == panel.compare[0] else f"{label} ({key})")
+            values = [v * scale for v in values]
+            name = label if key == panel.compare[0] else f"{label} ({key})"
+            if smooth > 1:
+                (line,) = ax.plot(steps, rolling_mean(values, smooth), label=name)
+                ax.plot(steps, values, ".", color=line.get_color(), alpha=0.3)
+            else:
+                ax.plot(steps, values, marker=".", label=name)
             drawn[panel.title].append(label)
         _finish_panel(ax, panel, bool(drawn[panel.title]))
     _save(plt, fig, out_png)

@@ -63,7 +63,9 @@ def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr
         f"{R}.agent.num_workers=1", "reward.num_workers=1",
         f"reward.custom_reward_function.path={os.path.join(os.path.dirname(__file__), 'reward.py')}",
         "reward.custom_reward_function.name=compute_score",
-        "ray_kwargs.ray_init.num_cpus=16",  # TransferQueue's 8 storage actors + workers: logical CPUs, not cores
+        "ray_kwargs.ray_init.num_cpus=16",  # Ray actors ask for logical CPUs, not cores
+        # One TransferQueue storage actor, not 8: each is a process importing torch (~1 min of start-up on 2 cores)
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "+ray_kwargs.ray_init.num_gpus=1",  # verl's resource check counts "GPU"s; the cpu platform maps to it
         "trainer.n_gpus_per_node=1", "trainer.nnodes=1", f"trainer.total_training_steps={steps}",
         "trainer.total_epochs=1000", "trainer.logger=[console,file]", "trainer.val_before_train=False",
@@ -121,8 +123,13 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def run_demo(*, loss: str = "dppo_tv_topk", k: int = 20, steps: int = 50, seed: int = 0, lr: float = 5e-4,
              batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int = 12, run_name: str | None = None,
-             runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500) -> dict:
-    """One training run; returns the summary (also written to ``runs/<run>/summary.json``)."""
+             runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500,
+             extra_overrides: tuple[str, ...] = (), extra_env: dict | None = None) -> dict:
+    """One training run; returns the summary (also written to ``runs/<run>/summary.json``).
+
+    ``extra_overrides`` go after the demo's own (the later value wins in Hydra), ``extra_env`` into the trainer's
+    environment (inherited by the local Ray cluster's workers).
+    """
     if loss not in LOSSES:
         raise ValueError(f"LOSS={loss!r} is not one of {', '.join(LOSSES)}")
     t0 = time.time()
@@ -135,11 +142,12 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = 20, steps: int = 50, seed: 
         os.remove(metrics)
     overrides = demo_overrides(assets, loss=loss, k=k, steps=steps, seed=seed, lr=lr, batch=batch, n=n,
                                minibatches=minibatches, response_length=response_length, run_dir=run_dir)
+    overrides += list(extra_overrides)
     cmd = [sys.executable, "-m", "dppo_verl.train", *overrides, f"trainer.experiment_name={name}"]
     with open(os.path.join(run_dir, "command.txt"), "w") as f:
         f.write(" \\\n  ".join(cmd) + "\n")
     env = {**os.environ, "VERL_FILE_LOGGER_PATH": metrics, "VLLM_CPU_KVCACHE_SPACE": "1",
-           "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     print(f"[demo] {loss}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
     print(f"[demo] starting verl (Ray, vLLM CPU server, FSDP actor): the first step takes ~1 min; "
           f"full log: {os.path.join(run_dir, 'train.log')}", flush=True)

@@ -1,0 +1,135 @@
+"""``make study``: the paper's sanity test (its Fig. 3) in miniature, on the CPU demo task.
+
+The same seed, data, warm start and rollout settings under four ways of treating the training-inference
+mismatch (each arm is one real verl ``main_ppo`` run of :func:`dppo_verl.demo.run.run_demo`):
+
+======================  ==============================================================================
+arm                     loss
+======================  ==============================================================================
+``pg_is``               policy gradient with truncated importance sampling against mu, no trust region:
+                        ``dppo_tv_binary`` with ``delta_low = delta_high = 1e6`` (Eq. 12 never masks;
+                        Eq. 11's stop-gradient ratio min(pi/mu, C) stays)
+``grpo_clip``           verl's ``vanilla`` PPO/GRPO ratio clip (eps 0.2) against the recomputed pi_old
+``dppo_binary``         ``dppo_tv_binary`` (delta 0.15)
+``dppo_topk``           ``dppo_tv_topk`` (delta 0.15, K = 20)
+======================  ==============================================================================
+
+The mismatch is the natural one (vLLM's bf16 CPU kernels sample; the FSDP trainer recomputes) plus, with
+``--noise sigma``, an injected one: vLLM runs ``w + sigma * rms(w) * eps`` (:mod:`dppo_verl.demo.perturb`).
+Leaves ``runs/study-<tag>/study.png`` (reward, trust-region activity, divergence, mean |pi - mu| per step, one
+line per arm) and ``summary.json`` (per arm: reward at the start and the end, mean and max |pi - mu|, wall time).
+
+  python -m dppo_verl.demo.study --steps 24 --noise 0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+
+from . import report
+from .run import ROOT, run_demo
+
+__all__ = ["ARMS", "arm_settings", "run_study", "summarize", "main"]
+
+ARMS = {  # name -> (legend label, loss, extra overrides)
+    "pg_is": ("PG + IS, no trust region", "dppo_tv_binary",
+              ("actor.policy_loss.delta_low=1e6", "actor.policy_loss.delta_high=1e6")),
+    "grpo_clip": ("GRPO ratio clip vs pi_old", "vanilla", ()),
+    "dppo_binary": ("DPPO binary TV", "dppo_tv_binary", ()),
+    "dppo_topk": ("DPPO Top-K TV (K=20)", "dppo_tv_topk", ()),
+}
+# Every arm loads the perturbation module in every verl process (quoted: Hydra would read the comma as a sweep);
+# it does nothing unless DPPO_ROLLOUT_WEIGHT_NOISE > 0.
+COMMON = ("+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES='dppo_verl,dppo_verl.demo.perturb'",)
+
+
+def arm_settings(arm: str) -> tuple[str, str, tuple[str, ...]]:
+    """``(label, loss, extra overrides)`` of an arm; ``ValueError`` listing the arms on a bad name."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown study arm {arm!r}; valid: {list(ARMS)}")
+    label, loss, extra = ARMS[arm]
+    return label, loss, tuple(extra) + COMMON
+
+
+def summarize(metrics_jsonl: str) -> dict:
+    """Per-arm numbers from verl's metrics: reward (first/last 5 steps), |pi_old - mu| and trust-region activity."""
+    records = [r for r in report.read_records(metrics_jsonl) if report.REWARD in r["data"]]
+
+    def col(*keys):
+        for key in keys:
+            vals = [r["data"][key] for r in records if isinstance(r["data"].get(key), (int, float))]
+            if vals:
+                return vals
+        return []
+
+    reward, diff, active = col(report.REWARD), col(report.PROBS_DIFF), col(report.MASKED, report.CLIPFRAC)
+    mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
+    return {"steps": len(records), "reward_first5": mean(reward[:5]), "reward_last5": mean(reward[-5:]),
+            "reward_max": round(max(reward), 4) if reward else None,
+            "probs_diff_mean": mean(diff), "probs_diff_max_step": round(max(diff), 4) if diff else None,
+            "masked_or_clipped_frac_mean": mean(active)}
+
+
+def _ray_stop() -> None:
+    """A killed run can leave a Ray head behind; the next arm must start a fresh one."""
+    import sys
+
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def run_study(arms: list[str], *, steps: int, noise: float, seed: int = 0, runs_dir: str = "runs",
+              smooth: int = 5, timeout_s: float = 900, **demo_kwargs) -> dict:
+    """Run each arm with the same seed, then draw them on one figure. Returns the study summary."""
+    t0 = time.time()
+    tag = f"study-noise{noise:g}-s{steps}-seed{seed}"
+    out_dir = os.path.join(ROOT, runs_dir, tag) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, tag)
+    os.makedirs(out_dir, exist_ok=True)
+    summary = {"tag": tag, "steps": steps, "noise": noise, "seed": seed, "arms": {}}
+    paths = {}
+    for i, arm in enumerate(arms):
+        label, loss, extra = arm_settings(arm)
+        print(f"[study] arm {i + 1}/{len(arms)}: {arm} ({label}); {time.time() - t0:.0f} s elapsed", flush=True)
+        _ray_stop()
+        run = run_demo(loss=loss, steps=steps, seed=seed, run_name=arm, runs_dir=out_dir,
+                       extra_overrides=extra, extra_env={"DPPO_ROLLOUT_WEIGHT_NOISE": f"{noise:g}"},
+                       timeout_s=timeout_s, **demo_kwargs)
+        paths[label] = os.path.join(os.path.dirname(run["plot"]), "metrics.jsonl")
+        summary["arms"][arm] = {"label": label, "loss": loss, "overrides": list(extra), "wall_s": run["wall_s"],
+                                **summarize(paths[label])}
+    summary["wall_s"] = round(time.time() - t0, 1)
+    png = os.path.join(out_dir, "study.png")
+    mismatch = "natural bf16 gap" if noise == 0 else f"natural gap + rollout weight noise sigma={noise:g}"
+    report.plot_compare(paths, png, title=f"same seed, {steps} steps, {mismatch} (lines: {smooth}-step mean)",
+                        smooth=smooth)
+    summary["plot"] = png
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[study] {len(arms)} arms in {summary['wall_s'] / 60:.1f} min; figure {png}", flush=True)
+    for arm, s in summary["arms"].items():
+        print(f"[study] {arm:12s} reward {s['reward_first5']} -> {s['reward_last5']} | mean |pi-mu| "
+              f"{s['probs_diff_mean']} | masked/clipped {s['masked_or_clipped_frac_mean']}", flush=True)
+    return summary
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m dppo_verl.demo.study", description=__doc__.split("\n")[0])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--noise", type=float, default=0.0, help="relative rollout weight noise sigma (0: natural gap)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--timeout", type=float, default=900, help="hard limit per arm, seconds")
+    a = ap.parse_args(argv)
+    if a.noise < 0:
+        ap.error("--noise must be >= 0")
+    run_study(a.arms, steps=a.steps, noise=a.noise, seed=a.seed, lr=a.lr, runs_dir=a.runs_dir, timeout_s=a.timeout)
+
+
+if __name__ == "__main__":
+    main()

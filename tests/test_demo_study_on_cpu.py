@@ -1,0 +1,105 @@
+"""``make study`` pieces that need no training run: the rollout perturbation, the arms' configs, the summary."""
+
+import ast
+import json
+import os
+
+import pytest
+import torch
+
+from dppo_verl.demo import perturb, report, study
+
+
+def test_noisy_weights_has_the_requested_relative_scale_and_is_deterministic():
+    w = torch.randn(256, 128) * 0.02
+    ids = torch.arange(10)
+    [(_, a), (_, same), (_, i)] = perturb.noisy_weights([("q.weight", w), ("q.weight", w), ("ids", ids)], 0.05)
+    rel = (a - w).std() / w.pow(2).mean().sqrt()
+    assert abs(float(rel) - 0.05) < 0.005  # 32k draws: the std estimate is within ~0.4% of sigma
+    assert torch.equal(a, same) and torch.equal(i, ids)  # one noise pattern per name; integers untouched
+    [(_, b)] = perturb.noisy_weights([("k.weight", w)], 0.05)
+    assert not torch.allclose(a, b)  # another name, another draw
+    [(_, h)] = perturb.noisy_weights([("q.weight", w.bfloat16())], 0.05)
+    assert h.dtype == torch.bfloat16
+    [(_, z)] = perturb.noisy_weights([("q.weight", w)], 0.0)
+    assert z is w
+
+
+class _Extension:
+    """Stands in for verl's vLLMColocateWorkerExtension (importing it needs a vLLM worker)."""
+
+    def __init__(self):
+        self.loaded = []
+
+    def _update_weights(self, weights, peft_config, base_sync_done):
+        self.loaded.append((list(weights), peft_config, base_sync_done))
+
+
+def test_patch_perturbs_base_weights_only_when_asked(monkeypatch):
+    mod = type("M", (), {"vLLMColocateWorkerExtension": _Extension})
+    original = _Extension._update_weights
+    monkeypatch.setattr(_Extension, "_update_weights", original)
+    perturb._patch(mod)
+    wrapped = _Extension._update_weights
+    perturb._patch(mod)  # idempotent: one wrapper
+    assert _Extension._update_weights is wrapped is not original
+    w = torch.ones(4, 4)
+    ext = _Extension()
+    monkeypatch.setenv(perturb.ENV, "0.1")
+    ext._update_weights([("w", w)], None, False)
+    assert not torch.equal(ext.loaded[-1][0][0][1], w)
+    ext._update_weights([("lora_A", w)], {"r": 8}, True)  # LoRA adapters are not the policy's base weights
+    assert ext.loaded[-1][0][0][1] is w
+    monkeypatch.setenv(perturb.ENV, "0")
+    ext._update_weights([("w", w)], None, False)
+    assert ext.loaded[-1][0][0][1] is w
+
+
+def test_verl_pin_still_has_the_method_we_wrap():
+    """The patch relies on verl 0.9.1's ``_update_weights(self, weights, peft_config, base_sync_done)``; read the
+    source (importing it would start vLLM's platform detection)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("verl.workers.rollout.vllm_rollout")
+    path = os.path.join(os.path.dirname(spec.origin), "utils.py")
+    tree = ast.parse(open(path).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "vLLMColocateWorkerExtension")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "_update_weights")
+    assert [a.arg for a in fn.args.args] == ["self", "weights", "peft_config", "base_sync_done"]
+
+
+def test_arm_settings_and_bad_name():
+    label, loss, extra = study.arm_settings("pg_is")
+    assert loss == "dppo_tv_binary" and "actor.policy_loss.delta_low=1e6" in extra
+    assert any("dppo_verl.demo.perturb" in e for e in extra)
+    with pytest.raises(ValueError, match=r"unknown study arm 'ppo'; valid: \['pg_is', 'grpo_clip'"):
+        study.arm_settings("ppo")
+
+
+@pytest.mark.parametrize("arm", ["pg_is", "grpo_clip"])
+def test_arm_overrides_compose_through_the_launcher(arm, capsys):
+    """Hydra must read the quoted module list as one string, and pg_is's delta as a number (no mask)."""
+    from dppo_verl.train import main
+
+    _, loss, extra = study.arm_settings(arm)
+    head = [f"actor.policy_loss={loss}"] if loss != "vanilla" else [
+        "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"]
+    assert main([*head, *extra, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "VERL_USE_EXTERNAL_MODULES: dppo_verl,dppo_verl.demo.perturb" in out
+    if arm == "pg_is":
+        assert "delta_low: 1000000.0" in out and "delta_high: 1000000.0" in out
+
+
+def test_summarize_and_rolling_mean(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps({"step": 0, "data": {"val-core/x/acc/mean@1": 0.3}}) + "\n")  # validation only
+        for step in range(1, 11):
+            f.write(json.dumps({"step": step, "data": {report.REWARD: step / 10, report.CLIPFRAC: 0.02,
+                                                       report.PROBS_DIFF: 0.001 * step}}) + "\n")
+    s = study.summarize(str(path))
+    assert s["steps"] == 10 and s["reward_first5"] == 0.3 and s["reward_last5"] == 0.8
+    assert s["probs_diff_mean"] == 0.0055 and s["probs_diff_max_step"] == 0.01
+    assert s["masked_or_clipped_frac_mean"] == 0.02
+    assert report.rolling_mean([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
