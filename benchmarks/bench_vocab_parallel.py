@@ -8,8 +8,14 @@ Providers:
   triton      the same op, backend="triton" (fused Triton kernel, dppo_verl.ops.kernels); GPU only
   dppo_sq     vocab_parallel_stats with the predictive statistic (sq_exclude = the K + 1 ids), compiled backend
   triton_sq   the same with backend="triton" (the statistic fused into the kernel's single read)
+  fused_fwbw  issue #10 stage 2, forward + backward: dppo_verl.ops.fused_logprob.fused_logprobs (one Triton read
+              for the K + 1 ids and log pi(label), then the Triton gradient kernel); GPU only
+  verl_fwbw   what it replaces (policy_loss.fused_logprobs=False): our stage-1 stats (compiled backend) plus verl's
+              logprobs_from_logits forward + backward (flash-attn's cross-entropy when installed; here with
+              inplace_backward=False, so both providers allocate the gradient: the engine passes True when
+              no entropy is computed, which saves that N x V allocation, and so its memory is understated here); GPU only
 
-The triton providers are skipped on CPU with a message: Triton's CPU interpreter is a correctness tool
+The triton and *_fwbw providers are skipped on CPU with a message: Triton's CPU interpreter is a correctness tool
 (tests/test_triton_kernel_on_cpu.py), not a speed measurement. The *_sq providers run by default on CUDA only.
 
 Each (provider, N, dtype) runs in fresh subprocesses: warm-up (includes torch.compile), then the timed
@@ -43,9 +49,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 V_QWEN3 = 151936  # Qwen3 vocabulary
 K = 20
-PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "triton", "dppo_sq", "triton_sq")
+PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "triton", "dppo_sq", "triton_sq", "fused_fwbw", "verl_fwbw")
 CPU_PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "triton")  # triton: skipped, with a message
-GPU_ONLY = ("triton", "triton_sq")
+GPU_ONLY = ("triton", "triton_sq", "fused_fwbw", "verl_fwbw")
 
 
 def _setup_vocab_parallel(n: int, v: int, k: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -74,7 +80,31 @@ def _provider(name: str):
         "triton": lambda x, i: vocab_parallel_logprobs(x, i, backend="triton"),
         "dppo_sq": with_rest_sq("compile"),
         "triton_sq": with_rest_sq("triton"),
+        "fused_fwbw": _fused_fwbw,
+        "verl_fwbw": _verl_fwbw,
     }[name]
+
+
+def _fused_fwbw(logits, ids):
+    """Stage 2: log pi at the K + 1 ids and log pi(label) (label = the last, 'sampled' id) with its backward."""
+    from dppo_verl.ops.fused_logprob import fused_logprobs
+
+    x = logits.detach().requires_grad_(True)
+    out = fused_logprobs(x, ids[:, -1], ids)
+    out.label_logp.sum().backward()
+    return out.support_logp  # [N, K + 1], checked against fp64 like the other providers
+
+
+def _verl_fwbw(logits, ids):
+    """The option-off path: our stage-1 read for the K + 1 ids, then verl's own sampled-token pass and backward."""
+    from verl.utils.torch_functional import logprobs_from_logits
+
+    from dppo_verl.ops.vocab_parallel import vocab_parallel_logprobs
+
+    x = logits.detach().requires_grad_(True)
+    support = vocab_parallel_logprobs(x.detach(), ids, backend="compile")
+    logprobs_from_logits(x, ids[:, -1], inplace_backward=False).sum().backward()
+    return support
 
 
 def _rss_kib(field: str) -> int:
@@ -218,12 +248,12 @@ def _ratios(results) -> list[str]:
         if floor is not None:
             line += f", {r['median_ms'] / floor['median_ms']:.2f}x the one-read floor"
         lines.append(line)
-    for base, fused in (("dppo", "triton"), ("dppo_sq", "triton_sq")):  # measured, not assumed
+    for base, fused in (("dppo", "triton"), ("dppo_sq", "triton_sq"), ("verl_fwbw", "fused_fwbw")):  # measured, not assumed
         for (prov, n, dt), r in sorted(by.items()):
             b = by.get((base, n, dt))
             if prov == fused and b is not None:
-                lines.append(f"{dt} N={n}: {fused} takes {r['median_ms'] / b['median_ms']:.2f}x the time of {base} "
-                             f"(compiled torch), extra memory {r['extra_mib']:.1f} vs {b['extra_mib']:.1f} MiB")
+                lines.append(f"{dt} N={n}: {fused} takes {r['median_ms'] / b['median_ms']:.2f}x the time of {base}, "
+                             f"extra memory {r['extra_mib']:.1f} vs {b['extra_mib']:.1f} MiB")
     return lines
 
 

@@ -25,6 +25,7 @@ def install() -> None:
         check_verl_symbols()
         from .losses import register_loss_modes
         from .integrations.actor import apply_ppo_loss_wrapper, apply_train_batch_topk_flag
+        from .integrations.fused_logprob import apply_fused_logprob_handoff
         from .integrations.agent_loop import apply_agent_loop_output_patch, apply_legacy_agent_loop_patch
         from .integrations.sglang_server import apply_sglang_server_topk
         from .integrations.vllm_server import apply_vllm_server_topk
@@ -35,6 +36,7 @@ def install() -> None:
         register_loss_modes()
         apply_ppo_loss_wrapper()
         apply_train_batch_topk_flag()
+        apply_fused_logprob_handoff()  # inert unless policy_loss.fused_logprobs=True
         apply_agent_loop_output_patch()
         apply_legacy_agent_loop_patch()
         apply_vllm_server_topk()

@@ -34,7 +34,7 @@ DIRECTIONS = ("sampled", "predictive")
 ESTIMATORS = ("binary", "topk")
 DEFAULTS = dict(
     delta_low=None, delta_high=None, truncation_cap=20.0, num_topk=20, anchor="rollout", direction="sampled",
-    delta_seq=None, seq_agg="max", cppo_w_min=0.8, cppo_delta_pre=0.02,
+    delta_seq=None, seq_agg="max", cppo_w_min=0.8, cppo_delta_pre=0.02, fused_logprobs=False,
 )
 # Knobs read by one shape only; setting them for another shape is an error rather than a silent no-op.
 _SHAPE_KNOBS = {"cppo_w_min": "cppo", "cppo_delta_pre": "cppo"}
@@ -92,6 +92,8 @@ def _check_knobs(knobs: dict[str, Any], where: str) -> None:
     dp = knobs["cppo_delta_pre"]
     if not (isinstance(dp, (int, float)) and math.isfinite(dp) and dp >= 0.0):
         raise ValueError(f"{where}.cppo_delta_pre (prefix budget rate) must be a number >= 0, got {dp!r}")
+    if not isinstance(knobs["fused_logprobs"], bool):
+        raise ValueError(f"{where}.fused_logprobs must be true or false, got {knobs['fused_logprobs']!r}")
 
 
 @dataclass
@@ -112,6 +114,8 @@ class DPPOPolicyLossConfig(PolicyLossConfig):
         cppo_w_min: ``cppo_*`` modes: position weight of the last response token (first is 1).
         cppo_delta_pre: ``cppo_*`` modes: prefix budget rate floor; the rate is the P90 of ``D_t`` clamped to
             ``[cppo_delta_pre, 2 cppo_delta_pre]``.
+        fused_logprobs: Top-K modes, experimental: the hook's Triton pass over the logits also yields verl's
+            ``log_probs`` with their gradient, replacing the engine's own read (:mod:`dppo_verl.integrations.fused_logprob`).
     """
 
     delta_low: Optional[float] = DEFAULTS["delta_low"]
@@ -124,6 +128,7 @@ class DPPOPolicyLossConfig(PolicyLossConfig):
     seq_agg: str = DEFAULTS["seq_agg"]
     cppo_w_min: float = DEFAULTS["cppo_w_min"]
     cppo_delta_pre: float = DEFAULTS["cppo_delta_pre"]
+    fused_logprobs: bool = DEFAULTS["fused_logprobs"]
 
     def __post_init__(self):
         sup = getattr(super(), "__post_init__", None)
@@ -148,6 +153,12 @@ def _check_mode_knobs(loss_mode: str, parsed: LossMode, knobs: dict[str, Any]) -
             f"policy_loss.direction=predictive needs a Top-K mode, got {loss_mode}: for the binary support "
             "{a_t} the predictive test equals the sampled one; use direction=sampled or a *_topk mode"
         )
+    if knobs["fused_logprobs"] and parsed.estimator != "topk":
+        # Binary modes never call the logits processor: there is no pass of ours for verl's log-probs to ride on.
+        raise ValueError(
+            f"policy_loss.fused_logprobs=True needs a Top-K mode, got {loss_mode}: binary modes do not read the "
+            "logits themselves; set fused_logprobs=False"
+        )
     for key, shape in _SHAPE_KNOBS.items():
         if knobs[key] != DEFAULTS[key] and parsed.shape != shape:
             raise ValueError(
@@ -170,6 +181,7 @@ class DPPOKnobs:
     seq_agg: str = "max"
     cppo_w_min: float = DEFAULTS["cppo_w_min"]
     cppo_delta_pre: float = DEFAULTS["cppo_delta_pre"]
+    fused_logprobs: bool = False
 
 
 def resolve_knobs(loss_mode: str, policy_loss: Any) -> DPPOKnobs:
@@ -203,4 +215,5 @@ def resolve_knobs(loss_mode: str, policy_loss: Any) -> DPPOKnobs:
         seq_agg=knobs["seq_agg"],
         cppo_w_min=float(knobs["cppo_w_min"]),
         cppo_delta_pre=float(knobs["cppo_delta_pre"]),
+        fused_logprobs=knobs["fused_logprobs"],
     )

@@ -183,7 +183,7 @@ class _Panel:
 
 _PANELS = (
     _Panel("reward (mean partial-credit score)", (("train batch", (REWARD,)),), (REWARD,)),
-    _Panel("masked fraction of tokens (%)", (("A > 0", (MASKED_POS,)), ("A < 0", (MASKED_NEG,)),
+    _Panel("masked (DPPO) or clipped (PPO) fraction of tokens (%)", (("A > 0", (MASKED_POS,)), ("A < 0", (MASKED_NEG,)),
                                             ("all", (MASKED, CLIPFRAC))), (MASKED, CLIPFRAC), percent=True),
     _Panel("mean divergence D (Top-K or binary)", (("D", (DIVERGENCE,)),), (DIVERGENCE,)),
     # In a comparison every run draws verl's own |pi_old - mu| (logged for any loss): the loss-side MISMATCH is
@@ -292,7 +292,8 @@ def plot_compare(runs: dict[str, str], out_png: str, title: str | None = None,
     drawn = {}
     for ax, panel in zip(axes, _PANELS):
         drawn[panel.title] = []
-        for label, records in loaded.items():
+        for i, (label, records) in enumerate(loaded.items()):
+            color = f"C{i % 10}"  # one colour per run in every panel, even where a run has nothing to draw
             found = _series(records, panel.compare)
             if found is None:
                 continue
@@ -301,10 +302,10 @@ def plot_compare(runs: dict[str, str], out_png: str, title: str | None = None,
             values = [v * scale for v in values]
             name = label if key == panel.compare[0] else f"{label} ({key})"
             if smooth > 1:
-                (line,) = ax.plot(steps, rolling_mean(values, smooth), label=name)
-                ax.plot(steps, values, ".", color=line.get_color(), alpha=0.3)
+                ax.plot(steps, rolling_mean(values, smooth), color=color, label=name)
+                ax.plot(steps, values, ".", color=color, alpha=0.3)
             else:
-                ax.plot(steps, values, marker=".", label=name)
+                ax.plot(steps, values, marker=".", color=color, label=name)
             drawn[panel.title].append(label)
         _finish_panel(ax, panel, bool(drawn[panel.title]))
     _save(plt, fig, out_png)

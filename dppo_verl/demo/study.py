@@ -33,7 +33,7 @@ import time
 from . import report
 from .run import ROOT, run_demo
 
-__all__ = ["ARMS", "arm_settings", "run_study", "summarize", "main"]
+__all__ = ["ARMS", "arm_settings", "run_study", "summarize", "plot_study", "replot", "main"]
 
 ARMS = {  # name -> (legend label, loss, extra overrides)
     "pg_is": ("PG + IS, no trust region", "dppo_tv_binary",
@@ -74,6 +74,23 @@ def summarize(metrics_jsonl: str) -> dict:
             "masked_or_clipped_frac_mean": mean(active)}
 
 
+def plot_study(summary: dict, paths: dict[str, str], png: str, smooth: int = 5) -> str:
+    """One figure, one colour per arm (``paths``: legend label -> metrics jsonl)."""
+    noise = summary["noise"]
+    mismatch = "natural bf16 gap" if noise == 0 else f"natural gap + rollout weight noise sigma={noise:g}"
+    report.plot_compare(paths, png, smooth=smooth,
+                        title=f"same seed, {summary['steps']} steps, {mismatch} (lines: {smooth}-step mean)")
+    return png
+
+
+def replot(out_dir: str, smooth: int = 5) -> str:
+    """Redraw ``<out_dir>/study.png`` from a finished study's ``summary.json`` and metrics (no training)."""
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    paths = {a["label"]: os.path.join(out_dir, arm, "metrics.jsonl") for arm, a in summary["arms"].items()}
+    return plot_study(summary, paths, os.path.join(out_dir, "study.png"), smooth)
+
+
 def _ray_stop() -> None:
     """A killed run can leave a Ray head behind; the next arm must start a fresh one."""
     import sys
@@ -102,11 +119,7 @@ def run_study(arms: list[str], *, steps: int, noise: float, seed: int = 0, runs_
         summary["arms"][arm] = {"label": label, "loss": loss, "overrides": list(extra), "wall_s": run["wall_s"],
                                 **summarize(paths[label])}
     summary["wall_s"] = round(time.time() - t0, 1)
-    png = os.path.join(out_dir, "study.png")
-    mismatch = "natural bf16 gap" if noise == 0 else f"natural gap + rollout weight noise sigma={noise:g}"
-    report.plot_compare(paths, png, title=f"same seed, {steps} steps, {mismatch} (lines: {smooth}-step mean)",
-                        smooth=smooth)
-    summary["plot"] = png
+    summary["plot"] = plot_study(summary, paths, os.path.join(out_dir, "study.png"), smooth)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"[study] {len(arms)} arms in {summary['wall_s'] / 60:.1f} min; figure {png}", flush=True)
@@ -125,7 +138,11 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--timeout", type=float, default=900, help="hard limit per arm, seconds")
+    ap.add_argument("--replot", metavar="DIR", help="only redraw DIR/study.png from a finished study")
     a = ap.parse_args(argv)
+    if a.replot:
+        print(replot(a.replot))
+        return
     if a.noise < 0:
         ap.error("--noise must be >= 0")
     run_study(a.arms, steps=a.steps, noise=a.noise, seed=a.seed, lr=a.lr, runs_dir=a.runs_dir, timeout_s=a.timeout)

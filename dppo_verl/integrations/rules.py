@@ -56,12 +56,28 @@ def actor_rule_violations(config: Any) -> list[str]:
         value = _select(config, key)
         if bad(value):
             problems.append(f"{mode} cannot run with {key}={value}: {why}")
+    if knobs.fused_logprobs:
+        problems += _fused_logprob_violations(config, mode)
     k_rollout = _select(config, "actor_rollout_ref.rollout.custom.dppo_num_topk")
     if k_rollout is not None and int(k_rollout) != knobs.num_topk:
         problems.append(
             f"{mode}: the rollout requests K={k_rollout} (actor_rollout_ref.rollout.custom.dppo_num_topk) but the loss "
             f"expects K={knobs.num_topk} (actor_rollout_ref.actor.policy_loss.num_topk): make them equal"
         )
+    return problems
+
+
+def _fused_logprob_violations(config: Any, mode: str) -> list[str]:
+    """``policy_loss.fused_logprobs`` replaces verl's log-prob pass over the logits with a Triton kernel."""
+    import importlib.util
+
+    key = "actor_rollout_ref.actor.policy_loss.fused_logprobs=True"
+    problems = []
+    if _select(config, "actor_rollout_ref.model.use_fused_kernels"):
+        problems.append(f"{mode}: {key} reads the logits, which actor_rollout_ref.model.use_fused_kernels=True "
+                        "never materialises: set one of them False")
+    if importlib.util.find_spec("triton") is None:
+        problems.append(f"{mode}: {key} needs the `triton` package (it ships with CUDA builds of torch)")
     return problems
 
 
