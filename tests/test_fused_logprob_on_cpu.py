@@ -253,4 +253,4 @@ def test_grad_kernel_compiles_for_sm90(dtype, unit_stride, monkeypatch, tmp_path
                g_ptr="*fp32", label_ptr="*i64", out_ptr=f"*{dtype}", stride_on="i64", V_local="i32", BLOCK_V="constexpr")
     consts = dict(BLOCK_V=1024, **({"stride_xv": 1} if unit_stride else {}))
     compiled = compile_sm90(load_logprob_grad_triton()._logprob_grad_kernel, sig, consts, 4, monkeypatch, tmp_path)
-    assert "st.global" in compiled.asm["ptx"] and compiled.asm["cubin"]
+    assert "st.global" in compiled.asm["ptx"]

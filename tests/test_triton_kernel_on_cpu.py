@@ -246,4 +246,4 @@ def test_kernel_compiles_for_sm90(dtype, has_sq, unit_stride, monkeypatch, tmp_p
                V_local="i32", vocab_start="i32", M="i32", BLOCK_V="constexpr", BLOCK_M="constexpr", HAS_SQ="constexpr")
     consts = dict(BLOCK_V=4096, BLOCK_M=32, HAS_SQ=has_sq, **({"stride_xv": 1} if unit_stride else {}))
     compiled = compile_sm90(load_vocab_stats_triton()._vocab_stats_kernel, sig, consts, 8, monkeypatch, tmp_path)
-    assert "ld.global" in compiled.asm["ptx"] and compiled.asm["cubin"]
+    assert "ld.global" in compiled.asm["ptx"]

@@ -23,8 +23,10 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, monk
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # never reuse a cached binary
     src = ASTSource(kernel, signature, constexprs=constexprs)
     try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     except RuntimeError as e:
         if "ptxas" in str(e) and "not found" in str(e).lower():
             pytest.skip(f"no ptxas in this triton install: {e}")
         raise
+    assert compiled.asm["cubin"], "ptxas produced no sm_90 binary"
+    return compiled
