@@ -59,12 +59,9 @@ def summarize(metrics_jsonl: str) -> dict:
     """Per-arm numbers from verl's metrics: reward (first/last 5 steps), |pi_old - mu| and trust-region activity."""
     records = [r for r in report.read_records(metrics_jsonl) if report.REWARD in r["data"]]
 
-    def col(*keys):
-        for key in keys:
-            vals = [r["data"][key] for r in records if isinstance(r["data"].get(key), (int, float))]
-            if vals:
-                return vals
-        return []
+    def col(*keys):  # values of the first of ``keys`` that was logged (the plots' own lookup)
+        found = report._series(records, keys)
+        return found[2] if found else []
 
     reward, diff, active = col(report.REWARD), col(report.PROBS_DIFF), col(report.MASKED, report.CLIPFRAC)
     mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
