@@ -29,6 +29,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .registry import NamedRegistry
+
 __all__ = [
     "REST_EPS",
     "DivergenceFn",
@@ -64,8 +66,7 @@ class DivergenceSpec:
             raise ValueError(f"divergence {self.name!r}: default_delta must be > 0, got {self.default_delta}")
 
 
-_REGISTRY: dict[str, DivergenceSpec] = {}
-_LISTENERS: list[Callable[[DivergenceSpec], None]] = []
+_REGISTRY: NamedRegistry[DivergenceSpec] = NamedRegistry("divergence")
 
 
 def register_divergence(name: str, *, default_delta: float) -> Callable[[DivergenceFn], DivergenceFn]:
@@ -75,26 +76,18 @@ def register_divergence(name: str, *, default_delta: float) -> Callable[[Diverge
     """
 
     def decorator(fn: DivergenceFn) -> DivergenceFn:
-        if name in _REGISTRY:
-            raise ValueError(f"divergence {name!r} is already registered (by {_REGISTRY[name].fn.__qualname__})")
-        spec = DivergenceSpec(name=name, fn=fn, default_delta=float(default_delta))
-        _REGISTRY[name] = spec
-        for listener in list(_LISTENERS):
-            listener(spec)
+        _REGISTRY.add(name, DivergenceSpec(name=name, fn=fn, default_delta=float(default_delta)))
         return fn
 
     return decorator
 
 
 def get_divergence(name: str) -> DivergenceSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown divergence {name!r}; registered: {sorted(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 def divergence_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def add_registration_listener(listener: Callable[[DivergenceSpec], None]) -> None:
@@ -103,9 +96,7 @@ def add_registration_listener(listener: Callable[[DivergenceSpec], None]) -> Non
     This is how the loss layer creates ``dppo_<name>_{binary,topk}`` for user-registered divergences without
     this pure-torch module knowing about verl.
     """
-    _LISTENERS.append(listener)
-    for spec in list(_REGISTRY.values()):
-        listener(spec)
+    _REGISTRY.listen(listener)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 
 from .cppo import cppo_thresholds
 from .mask import trust_region_mask
+from .registry import NamedRegistry
 
 __all__ = [
     "TokenView",
@@ -78,40 +79,30 @@ class LossShape:
             raise ValueError(f"loss shape name {self.name!r} must be an identifier without '_' (modes split on it)")
 
 
-_SHAPES: dict[str, LossShape] = {}
-_LISTENERS: list[Callable[[LossShape], None]] = []
+_SHAPES: NamedRegistry[LossShape] = NamedRegistry("loss shape")
 
 
 def register_loss_shape(name: str) -> Callable[[ShapeFn], ShapeFn]:
     """Decorator: register a loss shape under ``name`` (refuses a taken name)."""
 
     def decorator(fn: ShapeFn) -> ShapeFn:
-        if name in _SHAPES:
-            raise ValueError(f"loss shape {name!r} is already registered (by {_SHAPES[name].fn.__qualname__})")
-        _SHAPES[name] = shape = LossShape(name, fn)
-        for listener in list(_LISTENERS):
-            listener(shape)
+        _SHAPES.add(name, LossShape(name, fn))
         return fn
 
     return decorator
 
 
 def get_loss_shape(name: str) -> LossShape:
-    try:
-        return _SHAPES[name]
-    except KeyError:
-        raise KeyError(f"unknown loss shape {name!r}; registered: {sorted(_SHAPES)}") from None
+    return _SHAPES.get(name)
 
 
 def loss_shape_names() -> list[str]:
-    return sorted(_SHAPES)
+    return _SHAPES.names()
 
 
 def add_shape_listener(listener: Callable[[LossShape], None]) -> None:
     """Call ``listener(shape)`` for every shape registered so far and every one registered later."""
-    _LISTENERS.append(listener)
-    for shape in list(_SHAPES.values()):
-        listener(shape)
+    _SHAPES.listen(listener)
 
 
 def direction_sign(v: TokenView) -> torch.Tensor:
