@@ -97,7 +97,7 @@ async def _measure(engine, args):
 
 
 def run(args):
-    import dppo_verl  # noqa: F401
+    import dppo_verl.plugin  # noqa: F401
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

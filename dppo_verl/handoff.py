@@ -20,10 +20,9 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["HandOff", "handoff_scope", "current_handoff", "TOKEN_OUTPUT_KEYS"]
+from .contract import TOKEN_OUTPUT_KEYS  # per-token outputs of the Top-K logits hook (keys of verl's model_output)
 
-# Per-token outputs of the Top-K logits hook (keys of verl's model_output).
-TOKEN_OUTPUT_KEYS = ("dppo_divergence", "dppo_support_size", "dppo_ddot")
+__all__ = ["HandOff", "handoff_scope", "current_handoff", "TOKEN_OUTPUT_KEYS"]
 
 
 @dataclass

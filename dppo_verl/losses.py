@@ -25,8 +25,13 @@ from typing import Any, Optional
 
 import torch
 
-from .config import DPPOKnobs, resolve_knobs
+from .knobs import DPPOKnobs, resolve_knobs
+from .contract import (
+    CALCULATE_LOG_PROBS, EXTERNAL_LIB, METRIC_PREFIX, OUT_DDOT, OUT_DIVERGENCE, PLUGIN_MODULE, ROLLOUT_LOG_PROBS,
+    ROLLOUT_NUM_TOPK, TOPK_KEYS,
+)
 from .handoff import HandOff, current_handoff
+from .integrations.patching import raise_if_drifted
 from .ops.checks import check_finite_logprobs, check_shape
 from .ops.divergence import DivergenceSpec, add_registration_listener, divergence_names, get_divergence
 from .ops.mask import sequence_keep
@@ -36,13 +41,12 @@ __all__ = [
     "MAX_METRICS", "METRIC_PREFIX", "compute_dppo_loss", "loss_mode_names", "make_policy_loss", "register_loss_modes",
 ]
 
-METRIC_PREFIX = "actor/dppo/"
 # Metrics that must be aggregated as maxima across micro-batches and ranks (verl averages by default; the
 # actor integration's ppo_loss wrapper re-types these).
 MAX_METRICS = (METRIC_PREFIX + "divergence_max", METRIC_PREFIX + "ratio_max")
 _ENABLE_MU = (
-    "actor_rollout_ref.rollout.calculate_log_probs=True (the rollout must return log-probs) and dppo_verl loaded "
-    "in every worker (pip install dppo-verl, or actor_rollout_ref.model.external_lib=dppo_verl)"
+    f"{CALCULATE_LOG_PROBS}=True (the rollout must return log-probs) and dppo_verl loaded "
+    f"in every worker (pip install dppo-verl, or {EXTERNAL_LIB}={PLUGIN_MODULE})"
 )
 
 
@@ -142,7 +146,7 @@ def _mu_from(handoff: Optional[HandOff], old_log_prob, knobs: DPPOKnobs, mode: s
         return old_log_prob
     if handoff is None or handoff.rollout_log_probs is None:
         raise ValueError(
-            f"{mode}: the rollout log-probs mu (batch key 'rollout_log_probs') did not reach the loss. Set "
+            f"{mode}: the rollout log-probs mu (batch key '{ROLLOUT_LOG_PROBS}') did not reach the loss. Set "
             f"{_ENABLE_MU}. (policy_loss.anchor=old anchors on the recomputed pi_old instead; an ablation only.)"
         )
     return handoff.rollout_log_probs
@@ -152,21 +156,21 @@ def _topk_inputs(handoff: Optional[HandOff], knobs: DPPOKnobs, mode: str, shape)
     div = None if handoff is None else handoff.divergence
     if div is None:
         raise ValueError(
-            f"{mode}: the Top-K divergence ('dppo_divergence', computed from the actor's logits and the batch keys "
-            "'rollout_topk_ids'/'rollout_topk_logprobs') did not reach the loss. The dppo_verl actor integration "
-            "must be active in the worker and the rollout must return top-K logprobs "
-            f"(+actor_rollout_ref.rollout.custom.dppo_num_topk={knobs.num_topk}); it never falls back to binary."
+            f"{mode}: the Top-K divergence ('{OUT_DIVERGENCE}', computed from the actor's logits and the batch keys "
+            f"{list(TOPK_KEYS)}) did not reach the loss. The dppo_verl actor integration must be active in the "
+            f"worker and the rollout must return top-K logprobs (+{ROLLOUT_NUM_TOPK}={knobs.num_topk}); it never "
+            "falls back to binary."
         )
-    check_shape("dppo_divergence", div, list(shape))
+    check_shape(OUT_DIVERGENCE, div, list(shape))
     push = None
     if knobs.direction == "predictive":
         if handoff.ddot is None:
             raise ValueError(
-                f"{mode}: direction=predictive needs 'dppo_ddot' (the Top-K divergence's rate along the sampled "
+                f"{mode}: direction=predictive needs '{OUT_DDOT}' (the Top-K divergence's rate along the sampled "
                 "token's gradient) from the dppo_verl actor integration's logits hook; it did not reach the loss"
             )
         push = handoff.ddot
-        check_shape("dppo_ddot", push, list(shape))
+        check_shape(OUT_DDOT, push, list(shape))
     return div, push, handoff.support_size
 
 
@@ -184,16 +188,22 @@ def _policy_loss(
     if config is None or getattr(config, "policy_loss", None) is None:
         raise ValueError(f"{loss_mode} needs the actor config (verl's ActorConfig with .policy_loss)")
     knobs = resolve_knobs(loss_mode, config.policy_loss)
+    raise_if_drifted(("dppo", "topk") if knobs.estimator == "topk" else ("dppo",), loss_mode)
     shape = list(log_prob.shape)
     for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages), ("response_mask", response_mask)):
         check_shape(name, t, shape)
     mask = response_mask.bool()
     handoff = current_handoff()
     mu = _mu_from(handoff, old_log_prob, knobs, loss_mode)
-    mu_name = "rollout_log_probs" if knobs.anchor == "rollout" else "old_log_prob"
+    mu_name = ROLLOUT_LOG_PROBS if knobs.anchor == "rollout" else "old_log_prob"
     check_shape(mu_name, mu, shape)
     check_finite_logprobs(mu_name, mu, mask)
     check_finite_logprobs("log_prob", log_prob.detach(), mask)
+    if rollout_is_weights is not None and knobs.anchor == "rollout":
+        # First-use twin of the launch rule: Eq. 11 already weights by min(pi/mu, C); verl's pi_old/mu on top of it
+        # would count the correction twice.
+        raise ValueError(f"{loss_mode} already weights every token by min(pi/mu, C); verl's rollout correction "
+                         "weights would apply on top: set algorithm.rollout_correction.rollout_is=null")
     if knobs.estimator == "topk":
         divergence, push, support_size = _topk_inputs(handoff, knobs, loss_mode, shape)
     else:

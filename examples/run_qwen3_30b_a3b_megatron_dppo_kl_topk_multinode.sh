@@ -4,7 +4,7 @@
 #
 # How the plugin reaches every node: `pip install dppo-verl` in the Python environment of EVERY node (verl loads
 # it through its `verl.plugins` entry point in each process that imports verl). The launcher also sets
-# actor_rollout_ref.model.external_lib=dppo_verl and VERL_USE_EXTERNAL_MODULES=dppo_verl in the Ray runtime env,
+# actor_rollout_ref.model.external_lib=dppo_verl.plugin and VERL_USE_EXTERNAL_MODULES=dppo_verl.plugin in the Ray runtime env,
 # so a node without the package fails loudly ("No module named dppo_verl") instead of training without DPPO.
 #
 #   on the head node:     ROLE=head   bash examples/run_qwen3_30b_a3b_megatron_dppo_kl_topk_multinode.sh

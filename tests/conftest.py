@@ -1,8 +1,12 @@
 import os
 import sys
 
-import pytest
-import torch
+# The suite runs verl on this CPU, so it asks for dppo_verl's CPU platform the way a user does (nothing selects it
+# otherwise). Set before anything imports verl; subprocesses inherit it (do-no-harm tests remove it on purpose).
+os.environ.setdefault("VERL_PLATFORM", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import reference`
 

@@ -93,9 +93,9 @@ def test_apply_is_idempotent():
     import verl.workers.utils.losses as L
 
     from dppo_verl.integrations import APPLIED
-    from dppo_verl.integrations.actor import apply_ppo_loss_wrapper
+    from dppo_verl.integrations.actor.loss_wrapper import apply_ppo_loss_wrapper
 
     before = L.ppo_loss
     apply_ppo_loss_wrapper()
     apply_ppo_loss_wrapper()
-    assert L.ppo_loss is before and APPLIED["ppo_loss_wrapper"]
+    assert L.ppo_loss is before and APPLIED["actor.ppo_loss"].ok

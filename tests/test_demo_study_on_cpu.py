@@ -39,9 +39,15 @@ def test_patch_perturbs_base_weights_only_when_asked(monkeypatch):
     mod = type("M", (), {"vLLMColocateWorkerExtension": _Extension})
     original = _Extension._update_weights
     monkeypatch.setattr(_Extension, "_update_weights", original)
-    perturb._patch(mod)
+    from dppo_verl.integrations.patching import patch_attr
+
+    def patch():
+        return patch_attr(mod.vLLMColocateWorkerExtension, "_update_weights", perturb._wrap, name=perturb.PATCH,
+                          signature="self, weights, peft_config, base_sync_done")
+
+    assert patch()
     wrapped = _Extension._update_weights
-    perturb._patch(mod)  # idempotent: one wrapper
+    assert patch()  # idempotent: one wrapper
     assert _Extension._update_weights is wrapped is not original
     w = torch.ones(4, 4)
     ext = _Extension()
@@ -86,7 +92,7 @@ def test_arm_overrides_compose_through_the_launcher(arm, capsys):
         "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"]
     assert main([*head, *extra, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "VERL_USE_EXTERNAL_MODULES: dppo_verl,dppo_verl.demo.perturb" in out
+    assert "VERL_USE_EXTERNAL_MODULES: dppo_verl.plugin,dppo_verl.demo.perturb" in out
     if arm == "pg_is":
         assert "delta_low: 1000000.0" in out and "delta_high: 1000000.0" in out
 

@@ -129,9 +129,13 @@ def engine_checks(rank, world, results):
     from megatron.core import parallel_state as mpu
 
     from dppo_verl.integrations import APPLIED
-    from dppo_verl.integrations.fused_logprob import STATS
+    from dppo_verl.integrations.actor.fused_logprob import STATS
 
-    assert APPLIED.get("fused_logprob_handoff") and world == 2
+    import verl.workers.engine.fsdp.transformer_impl  # noqa: F401  (the patches apply when the engines are imported)
+    import verl.workers.engine.megatron.transformer_impl  # noqa: F401
+
+    assert all(APPLIED[f"actor.fused_logprob.{e}.{p}"].ok for e in ("fsdp", "megatron") for p in ("engine", "logprobs"))
+    assert world == 2
     if rank == 0:
         off, verl_calls = _fsdp_run(False)
         assert verl_calls == ["logprobs_from_logits_v2"], verl_calls
@@ -162,8 +166,8 @@ ENGINE_RESULTS = {"fsdp": 1, "megatron thd rank0": 2, "megatron bshd rank0": 3, 
 
 
 def _handoff():
-    import dppo_verl  # noqa: F401
-    from dppo_verl.integrations import fused_logprob as fl
+    import dppo_verl.plugin  # noqa: F401
+    from dppo_verl.integrations.actor import fused_logprob as fl
 
     return fl
 
@@ -227,7 +231,7 @@ def test_missing_triton_names_the_key(monkeypatch):
 
 def test_config_and_launch_rules():
     from dppo_verl.config import DPPOPolicyLossConfig
-    from dppo_verl.integrations.rules import actor_rule_violations
+    from dppo_verl.launch.rules import actor_rule_violations
 
     with pytest.raises(ValueError, match="fused_logprobs=True needs a Top-K mode, got dppo_tv_binary"):
         DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", fused_logprobs=True)

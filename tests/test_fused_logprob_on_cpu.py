@@ -181,7 +181,7 @@ def _check_rest_sq(group):
 
 def _worker(rank, world, results):
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton in this fresh process
-    import dppo_verl  # noqa: F401  (the real plugin, for the engine checks; it imports verl, which imports triton)
+    import dppo_verl.plugin  # noqa: F401  (the real plugin, for the engine checks; it imports verl, which imports triton)
     from dppo_verl.ops.kernels import load_vocab_stats_triton
     from test_fused_logprob_engine_on_cpu import engine_checks
 

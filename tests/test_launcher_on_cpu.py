@@ -2,6 +2,8 @@
 
 import pytest
 
+import dppo_verl
+
 from dppo_verl.train import expand_overrides, main
 
 
@@ -11,7 +13,9 @@ def test_shorthand_topk_expands_to_one_consistent_config():
     assert "actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig" in out
     assert "+actor_rollout_ref.rollout.custom.dppo_num_topk=20" in out
     assert "actor_rollout_ref.rollout.calculate_log_probs=True" in out
-    assert "actor_rollout_ref.model.external_lib=dppo_verl" in out
+    assert "actor_rollout_ref.model.external_lib=dppo_verl.plugin" in out
+    assert "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=dppo_verl.plugin" in out
+    assert "+ray_kwargs.ray_init.runtime_env.env_vars.DPPO_VERL_DRIVER_VERSION=" + dppo_verl.__version__ in out
     assert "trainer.total_training_steps=3" in out and notes
 
 

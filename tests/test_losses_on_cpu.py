@@ -223,3 +223,18 @@ def test_plain_policy_loss_config_takes_defaults():
     assert (k.delta_low, k.delta_high, k.truncation_cap, k.num_topk, k.anchor, k.direction) == (0.05, 0.05, 20.0, 20, "rollout", "sampled")
     k = resolve_knobs("dppo_tv_binary", DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", delta_high=0.2))
     assert (k.delta_low, k.delta_high) == (0.15, 0.2)
+
+
+def test_rollout_correction_weights_on_a_rollout_anchored_loss_are_refused():
+    """First-use twin of the launch rule: verl's pi_old/mu weights on top of Eq. 11's min(pi/mu, C) would count the
+    correction twice. Anchored on pi_old (the ablation), verl's weights are the ablation's own and pass through."""
+    x, mask = torch.zeros(B, T), torch.ones(B, T, dtype=torch.bool)
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_binary"))
+    with handoff_scope(HandOff(rollout_log_probs=x)):
+        with pytest.raises(ValueError, match=r"algorithm\.rollout_correction\.rollout_is=null"):
+            _get("dppo_tv_binary")(x, x, x, mask, "token-mean", cfg, torch.ones(B, T))
+    old = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", anchor="old"))
+    logp = torch.full((B, T), -1.0, requires_grad=True)
+    loss, _ = _get("dppo_tv_binary")(x - 1, logp, torch.ones(B, T), mask, "token-mean", old, torch.full((B, T), 2.0))
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.full((B, T), -2.0 / (B * T)))  # -A * r(=1) * w(=2), token-mean

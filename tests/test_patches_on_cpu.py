@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sglang_stubs as st
 
-from dppo_verl.integrations import sglang_server as sg
+from dppo_verl.integrations.rollout import sglang_server as sg
 
 PATCHES = Path(__file__).resolve().parents[1] / "patches"
 TARGETS = {
@@ -105,5 +105,5 @@ def test_sglang_diff_generate_runs(tmp_path):
 def test_runtime_patch_stands_aside_for_the_sglang_diff(tmp_path):
     path = patched_copy(tmp_path, "verl-0.9.1-sglang-rollout-topk.diff")
     cls = st.server_class(st.load_generate(path))
-    sg._patch(type("M", (), {"SGLangHttpServer": cls, "__name__": sg.MODULE}))
+    sg.patch_module(type("M", (), {"SGLangHttpServer": cls, "__name__": sg.MODULE}))
     assert not hasattr(cls.generate, "dppo_wrapped")

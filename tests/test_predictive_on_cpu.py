@@ -26,7 +26,7 @@ def _ops(worker=False):
     """``(build_support, predictive_ddot, vocab_parallel_stats, divergence fns)``; in a fresh gloo ``worker`` process
     without running ``dppo_verl/__init__`` (the verl plugin install). Never stubbed in the pytest process."""
     if not worker:
-        import dppo_verl  # noqa: F401  (the real package: other tests in this process need the plugin)
+        import dppo_verl.plugin  # noqa: F401  (the real package: other tests in this process need the plugin)
     elif "dppo_verl" not in sys.modules:
         pkg = types.ModuleType("dppo_verl")
         pkg.__path__ = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dppo_verl")]

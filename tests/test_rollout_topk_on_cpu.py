@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dppo_verl.integrations.rollout_topk import pad_topk_batch, requested_topk, topk_arrays_from_vllm
+from dppo_verl.integrations.rollout.topk_arrays import pad_topk_batch, requested_topk
+from dppo_verl.integrations.rollout.vllm_server import topk_arrays_from_vllm
 
 
 def _vllm_step(logits, k, sampled):
@@ -64,7 +65,7 @@ def test_agent_loop_output_carries_topk_into_the_v1_batch():
     from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
     from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
-    from dppo_verl.integrations.rollout_topk import align_to_response
+    from dppo_verl.integrations.rollout.topk_arrays import align_to_response
 
     k = 3
     outs = []
@@ -86,6 +87,11 @@ def test_agent_loop_output_carries_topk_into_the_v1_batch():
     assert td["rollout_log_probs"].offsets().diff().tolist() == [4, 2]
     with pytest.raises(ValueError, match="top-K has 1 rows but the response has 2 generated tokens"):
         align_to_response(np.zeros((1, k), np.int32), np.zeros((1, k), np.float32), [1, 1])
+    multi = AgentLoopOutput(prompt_ids=[1, 2], response_ids=[5, 6], response_mask=[1, 1], num_turns=4,
+                            response_logprobs=[-0.5] * 2, metrics=AgentLoopMetrics(),
+                            extra_fields={"rollout_topk_ids": ids, "rollout_topk_logprobs": lps})
+    with pytest.raises(ValueError, match=r"multi-turn trajectory \(num_turns=4\).*binary mode"):
+        multi.as_dict()  # the tool agent's trajectory: refused by name, not by a row count deep in the actor
 
 
 def _internal_output(prompt_len, response_mask, k, seed):
@@ -108,7 +114,7 @@ def _internal_output(prompt_len, response_mask, k, seed):
 
 def test_legacy_trainer_batch_carries_padded_topk():
     """``trainer.use_v1=false``: verl's real ``AgentLoopWorker._postprocess`` (wrapped) -> ``[B, T, K]`` in the batch."""
-    import dppo_verl  # noqa: F401
+    import dppo_verl.plugin  # noqa: F401
     from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
 
     k = 3
@@ -130,7 +136,7 @@ def test_legacy_trainer_batch_carries_padded_topk():
 
 
 def test_v1_synthetic_padding_sample_gets_a_one_token_topk():
-    import dppo_verl  # noqa: F401
+    import dppo_verl.plugin  # noqa: F401
     from verl.trainer.ppo import padding_utils
 
     k = 4

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dppo_verl.integrations.rules import actor_rule_violations, check_actor_config
+from dppo_verl.launch.rules import actor_rule_violations, check_actor_config
 
 
 def _compose(*overrides):
@@ -23,10 +23,20 @@ TOPK = "actor_rollout_ref.actor.policy_loss.loss_mode=dppo_tv_topk"
 BINARY = "actor_rollout_ref.actor.policy_loss.loss_mode=dppo_kl_binary"
 
 
+K20 = "+actor_rollout_ref.rollout.custom.dppo_num_topk=20"
+
+
 def test_default_config_passes():
-    check_actor_config(_compose(TOPK))
+    check_actor_config(_compose(TOPK, K20))
     check_actor_config(_compose(BINARY))
     check_actor_config(_compose())  # vanilla: not ours, nothing to check
+
+
+def test_topk_without_rollout_k_names_the_key():
+    """Stock main_ppo users select the mode alone: the rollout would return no top-K and the run would die after
+    model load and the first rollout. Refused before Ray, naming the key (the launcher's shorthand fills it in)."""
+    with pytest.raises(ValueError, match=r"set \+actor_rollout_ref\.rollout\.custom\.dppo_num_topk=20"):
+        check_actor_config(_compose(TOPK))
 
 
 @pytest.mark.parametrize(
@@ -36,21 +46,20 @@ def test_default_config_passes():
         ("actor_rollout_ref.actor.fsdp_config.pad_to_length=True", "actor_rollout_ref.actor.fsdp_config.pad_to_length"),
         ("distillation.enabled=True", "distillation.enabled"),
         ("actor_rollout_ref.rollout.disaggregation.enabled=True", "actor_rollout_ref.rollout.disaggregation.enabled"),
-        ("actor_rollout_ref.rollout.multi_turn.enable=True", "actor_rollout_ref.rollout.multi_turn.enable"),
         ("trainer.v1.trainer_mode=separate_async", "trainer.v1.trainer_mode"),
         ("+actor_rollout_ref.rollout.custom.dppo_num_topk=8", "actor_rollout_ref.rollout.custom.dppo_num_topk"),
     ],
 )
 def test_topk_rules_name_the_key(override, key):
-    cfg = _compose(TOPK, override)
+    cfg = _compose(TOPK, override, *([] if "dppo_num_topk" in override else [K20]))
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         check_actor_config(cfg)
     assert actor_rule_violations(_compose(BINARY, override)) == []  # binary modes run with all of them
 
 
 def test_missing_rollout_logprobs_for_every_mode():
-    for mode in (TOPK, BINARY):
-        msgs = actor_rule_violations(_compose(mode, "actor_rollout_ref.rollout.calculate_log_probs=False"))
+    for mode in ((TOPK, K20), (BINARY,)):
+        msgs = actor_rule_violations(_compose(*mode, "actor_rollout_ref.rollout.calculate_log_probs=False"))
         assert any("actor_rollout_ref.rollout.calculate_log_probs=True" in m for m in msgs)
 
 
@@ -67,7 +76,7 @@ def test_dppo_config_target_and_bad_knob():
     pl = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor.policy_loss)  # what the worker builds
     assert type(pl).__name__ == "DPPOPolicyLossConfig" and pl.num_topk == 8
     bad = _compose(TOPK, "actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig",
-                   "+actor_rollout_ref.actor.policy_loss.anchor=old")
+                   "+actor_rollout_ref.actor.policy_loss.anchor=old", K20)
     with pytest.raises(ValueError, match="anchor=old is not available for dppo_tv_topk"):
         check_actor_config(bad)
 
@@ -75,3 +84,44 @@ def test_dppo_config_target_and_bad_knob():
 def test_unknown_mode_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown divergence 'js'; registered: \[.*'kl'.*'tv'"):
         check_actor_config(_compose("actor_rollout_ref.actor.policy_loss.loss_mode=dppo_js_topk"))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("algorithm.rollout_correction.rollout_is=token", "algorithm.rollout_correction.rollout_is=null"),
+    ("algorithm.rollout_correction.rollout_rs=token_k1", "algorithm.rollout_correction.rollout_rs=null"),
+])
+def test_rollout_correction_on_top_of_dppo_is_refused(override, key):
+    """verl's pi_old/mu weights on a loss already weighted by min(pi/mu, C) would count the correction twice."""
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        check_actor_config(_compose(BINARY, override))
+    anchored_old = _compose(BINARY, override, "actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig",
+                            "+actor_rollout_ref.actor.policy_loss.anchor=old")
+    assert actor_rule_violations(anchored_old) == []  # anchored on pi_old, verl's correction is the ablation's own
+    assert actor_rule_violations(_compose(override)) == []  # vanilla: verl's business
+
+
+def test_legacy_bypass_mode_would_replace_the_loss():
+    bypass = "algorithm.rollout_correction.bypass_mode=True"
+    with pytest.raises(ValueError, match=r"rewrites .*loss_mode to 'bypass_mode'.*bypass_mode=False or trainer\.use_v1=True"):
+        check_actor_config(_compose(BINARY, bypass, "trainer.use_v1=False"))
+    assert actor_rule_violations(_compose(BINARY, bypass)) == []  # V1 keeps the loss mode (and skips pi_old)
+
+
+def test_multi_turn_detected_the_way_verl_selects_the_agent_loop(tmp_path):
+    """verl picks the loop from the data's agent_name column, else rollout.agent.default_agent_loop; it never reads
+    multi_turn.enable. Top-K modes refuse a multi-turn loop (the tool agent keeps the first turn's top-K only)."""
+    import pandas as pd
+
+    from dppo_verl.launch.rules import check_config
+
+    single = tmp_path / "single.parquet"
+    pd.DataFrame({"prompt": ["a", "b"], "agent_name": ["single_turn_agent", None]}).to_parquet(single)
+    tool = tmp_path / "tool.parquet"
+    pd.DataFrame({"prompt": ["a", "b"], "agent_name": ["single_turn_agent", "tool_agent"]}).to_parquet(tool)
+    check_config(_compose(TOPK, K20, f"data.train_files={single}", f"data.val_files={single}"))
+    with pytest.raises(ValueError, match=r"agent loops \['tool_agent'\] \(data column agent_name"):
+        check_config(_compose(TOPK, K20, f"data.train_files={tool}", f"data.val_files={single}"))
+    with pytest.raises(ValueError, match=r"agent loops \['tool_agent'\]"):
+        check_config(_compose(TOPK, K20, "actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent"))
+    check_config(_compose(BINARY, f"data.train_files={tool}"))  # binary modes run with the tool agent
+    check_config(_compose(TOPK, K20, "actor_rollout_ref.rollout.multi_turn.enable=True"))  # verl ignores the flag

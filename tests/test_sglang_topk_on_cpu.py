@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import sglang_stubs as st
 
-from dppo_verl import integrations
-from dppo_verl.integrations import _lazy
-from dppo_verl.integrations import sglang_server as sg
+from dppo_verl.integrations import patching
+from dppo_verl.integrations.rollout import sglang_server as sg
 
 K = 3
 # rid "a": position 1 samples token 7, ranked 4th: it must NOT appear in the top-3 row (ranks stay untouched).
@@ -115,7 +114,8 @@ class MirrorServer:
     sampled log-probs from ``meta_info``, emptied on a length mismatch), 701 / 718 (``extra_fields``, ``TokenOutput``).
     """
 
-    async def generate(self, prompt_ids, sampling_params, request_id, image_data=None, video_data=None):
+    async def generate(self, prompt_ids, sampling_params, request_id, image_data=None, video_data=None,
+                       bootstrap_host=None, bootstrap_port=None, bootstrap_room=None):  # verl 0.9.1's signature
         return_logprob = sampling_params.pop("logprobs", False)
         prompt_logprobs = sampling_params.pop("prompt_logprobs", None)
         if prompt_logprobs is not None:
@@ -146,8 +146,8 @@ def _patched(generate_fn):
     """A fresh server class with ``generate_fn``, patched the way ``apply_sglang_server_topk`` does it."""
     cls = st.server_class(generate_fn)
     module = types.SimpleNamespace(SGLangHttpServer=cls, __name__=sg.MODULE)
-    sg._patch(module)
-    sg._patch(module)  # idempotent
+    sg.patch_module(module)
+    sg.patch_module(module)  # idempotent
     assert cls.generate.dppo_wrapped is generate_fn
     return cls
 
@@ -211,32 +211,31 @@ def test_mirror_inert_without_topk():
 
 
 class SourcePatchedServer:
-    async def generate(self, prompt_ids, sampling_params, request_id):
+    async def generate(self, prompt_ids, sampling_params, request_id, image_data=None, video_data=None,
+                       bootstrap_host=None, bootstrap_port=None, bootstrap_room=None):
         # DPPO_TOPK_PATCHED: stands for verl's generate after patches/verl-0.9.1-sglang-rollout-topk.diff
         return None
 
 
 def test_patch_steps_aside_for_diff_patched_source():
     module = types.SimpleNamespace(SGLangHttpServer=SourcePatchedServer, __name__=sg.MODULE)
-    sg._patch(module)
+    sg.patch_module(module)
     assert not hasattr(SourcePatchedServer.generate, "dppo_wrapped")
 
 
 def test_apply_is_named_idempotent_and_waits_for_the_module(monkeypatch):
-    monkeypatch.delitem(integrations.APPLIED, "sglang_server_topk", raising=False)
-    monkeypatch.setattr(_lazy, "_PENDING", {})
+    monkeypatch.delitem(patching.APPLIED, "rollout.sglang.generate", raising=False)
+    monkeypatch.setattr(patching, "_PENDING", {})
     monkeypatch.delitem(sys.modules, sg.MODULE, raising=False)
     sg.apply_sglang_server_topk()
-    assert integrations.APPLIED["sglang_server_topk"] and _lazy._PENDING[sg.MODULE] == [sg._patch]
-    sg.apply_sglang_server_topk()
-    assert _lazy._PENDING[sg.MODULE] == [sg._patch]  # registered once
+    assert "rollout.sglang.generate" not in patching.APPLIED and patching._PENDING[sg.MODULE] == [sg.patch_module]
 
-    # Module already imported: patched at once.
-    monkeypatch.delitem(integrations.APPLIED, "sglang_server_topk")
+    # Module already imported: patched at once, recorded under its name, and only once.
     cls = st.server_class(MirrorServer.generate)
     monkeypatch.setitem(sys.modules, sg.MODULE, types.SimpleNamespace(SGLangHttpServer=cls, __name__=sg.MODULE))
     sg.apply_sglang_server_topk()
-    assert cls.generate.dppo_wrapped is MirrorServer.generate
+    sg.apply_sglang_server_topk()
+    assert cls.generate.dppo_wrapped is MirrorServer.generate and patching.APPLIED["rollout.sglang.generate"].ok
 
 
 # --- runtime patch on verl 0.9.1's own generate source ---------------------------------------------------------------

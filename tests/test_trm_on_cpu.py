@@ -91,7 +91,7 @@ def test_config_contract():
     k = resolve_knobs("dppo_kl_topk", DPPOPolicyLossConfig(loss_mode="dppo_kl_topk", delta_seq=0.3, seq_agg="mean"))
     assert (k.delta_seq, k.seq_agg) == (0.3, "mean")
     assert resolve_knobs("dppo_kl_topk", {"loss_mode": "dppo_kl_topk"}).delta_seq is None
-    with pytest.raises(ValueError, match=r"policy_loss.delta_seq \(TRM sequence threshold\) must be a positive number"):
+    with pytest.raises(ValueError, match=r"policy_loss\.delta_seq must be a positive number or null \(TRM sequence threshold\), got 0\.0"):
         DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", delta_seq=0.0)
     with pytest.raises(ValueError, match=r"policy_loss.seq_agg must be one of \['max', 'mean'\], got 'sum'"):
         DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", delta_seq=0.1, seq_agg="sum")

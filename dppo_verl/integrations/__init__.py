@@ -1,14 +1,17 @@
-"""Integrations: one small module per verl surface, each installed by named, idempotent ``apply_*()`` functions.
+"""Integrations with verl, grouped by the process they run in; one small module per verl surface.
 
-``APPLIED`` records which patches ran in this process (tests and the launcher's self-check read it).
+- ``actor/`` (the FSDP / Megatron training workers): ``loss_wrapper`` (``ppo_loss``: mu and the Top-K scalars
+  handed to the loss), ``engine_flag`` (``BaseEngine.train_batch``: the logits-hook flag and first-use checks),
+  ``topk_hook`` (the Top-K divergence on the logits) with ``layout`` (batch rows -> logits rows), ``fused_logprob``
+  (the opt-in Triton hand-off of verl's log-probs);
+- ``rollout/`` (the vLLM / SGLang rollout servers and agent-loop workers): ``vllm_server`` and ``sglang_server``
+  (each with its engine's top-K parser), ``agent_loop`` (top-K into the batch), ``topk_arrays`` (engine-agnostic);
+- ``platform/`` (every process, only when ``VERL_PLATFORM=cpu`` asks for it): ``cpu_platform``, ``vllm_cpu``;
+- ``driver/`` (the process that calls ``ray.init``): ``ray_runtime_env`` (launch rules on stock ``main_ppo``).
+
+Every runtime patch goes through :mod:`.patching`; :data:`APPLIED` records what ran in this process.
 """
 
-APPLIED: dict[str, bool] = {}
+from .patching import APPLIED
 
-
-def mark_applied(name: str) -> bool:
-    """Record ``name`` as applied; returns False when it had already been applied (caller should skip)."""
-    if APPLIED.get(name):
-        return False
-    APPLIED[name] = True
-    return True
+__all__ = ["APPLIED"]

@@ -15,15 +15,17 @@ import logging
 import os
 from typing import Any
 
-from ..config import parse_loss_mode
-from .rules import _select
+from ..knobs import parse_loss_mode
+from ..contract import ALLOW_TRUNCATED_SAMPLING, LOSS_MODE, ROLLOUT, ROLLOUT_NUM_TOPK
+from .rules import select as _select
 
-__all__ = ["rollout_rule_violations", "check_rollout_config", "OPT_OUT_KEY"]
+__all__ = ["rollout_rule_violations", "check_rollout_config", "OPT_OUT_KEY", "agent_loops_in_use"]
 
 logger = logging.getLogger("dppo_verl")
-R = "actor_rollout_ref.rollout"
-OPT_OUT_KEY = f"{R}.custom.dppo_allow_truncated_sampling"
+R = ROLLOUT
+OPT_OUT_KEY = ALLOW_TRUNCATED_SAMPLING
 VLLM_DEFAULT_MAX_LOGPROBS = 20
+SINGLE_TURN_AGENTS = ("single_turn_agent",)
 
 
 def _truncation_problems(config) -> list[str]:
@@ -44,23 +46,60 @@ def _truncation_problems(config) -> list[str]:
 
 def rollout_rule_violations(config: Any) -> tuple[list[str], list[str]]:
     """``(errors, warnings)`` for the rollout settings of a DPPO run (empty for other loss modes)."""
-    parsed = parse_loss_mode(_select(config, "actor_rollout_ref.actor.policy_loss.loss_mode"))
+    parsed = parse_loss_mode(_select(config, LOSS_MODE))
     if parsed is None:
         return [], []
     truncation = _truncation_problems(config)
     opted_out = bool(_select(config, OPT_OUT_KEY, False))
     errors = [] if opted_out else [p + f" (or accept the bias: +{OPT_OUT_KEY}=True)" for p in truncation]
     warnings = truncation if opted_out else []
-    if parsed[1] == "topk" and _select(config, f"{R}.name") in (None, "vllm"):
-        k = _select(config, f"{R}.custom.dppo_num_topk")
+    if parsed.is_topk:
+        errors += _multi_turn_problems(config, _select(config, LOSS_MODE))
+    if parsed.is_topk and _select(config, f"{R}.name") in (None, "vllm"):
+        k = _select(config, ROLLOUT_NUM_TOPK)
         cap = _select(config, f"{R}.engine_kwargs.vllm.max_logprobs", VLLM_DEFAULT_MAX_LOGPROBS)
         if k is not None and int(k) > int(cap):
             errors.append(
-                f"{R}.custom.dppo_num_topk={k} exceeds vLLM's max_logprobs={cap}: "
+                f"{ROLLOUT_NUM_TOPK}={k} exceeds vLLM's max_logprobs={cap}: "
                 f"set +{R}.engine_kwargs.vllm.max_logprobs={k}"
             )
     errors += _sglang_problems(config)
     return errors, warnings
+
+
+def agent_loops_in_use(config) -> set[str]:
+    """The agent loops verl will run, found the way verl selects them: the ``agent_name`` column of the training and
+    validation data (per sample), else ``rollout.agent.default_agent_loop``. Files that cannot be read here (a remote
+    path, a format other than parquet) contribute the default only; the worker checks again at first use."""
+    default = _select(config, f"{R}.agent.default_agent_loop", "single_turn_agent") or "single_turn_agent"
+    found = {default}
+    for key in ("data.train_files", "data.val_files"):
+        files = _select(config, key)
+        for path in ([files] if isinstance(files, str) else list(files or [])):
+            found |= _agent_names_in(str(path), default)
+    return found
+
+
+def _agent_names_in(path: str, default: str) -> set[str]:
+    if not path.endswith(".parquet") or not os.path.isfile(path):
+        return set()
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - verl depends on pyarrow
+        return set()
+    if "agent_name" not in pq.read_schema(path).names:
+        return set()
+    column = pq.read_table(path, columns=["agent_name"]).column("agent_name").to_pylist()
+    return {default if v is None else str(v) for v in column}
+
+
+def _multi_turn_problems(config, mode: str) -> list[str]:
+    multi = sorted(a for a in agent_loops_in_use(config) if a not in SINGLE_TURN_AGENTS)
+    if not multi:
+        return []
+    return [f"{mode}: the agent loops {multi} (data column agent_name / {R}.agent.default_agent_loop) are multi-turn, "
+            "and verl 0.9.1's tool agent keeps only the first turn's top-K; use a binary mode (dppo_tv_binary) or "
+            f"single_turn_agent"]
 
 
 def _sglang_problems(config) -> list[str]:
@@ -78,6 +117,7 @@ def _sglang_problems(config) -> list[str]:
 
 
 def check_rollout_config(config: Any) -> None:
+    """Rollout rules alone (:func:`dppo_verl.launch.rules.check_config` runs every rule)."""
     errors, warnings = rollout_rule_violations(config)
     for w in warnings:
         logger.warning("dppo_verl (opted out): %s", w)

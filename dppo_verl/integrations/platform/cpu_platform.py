@@ -5,19 +5,21 @@ through the platform registry in :mod:`verl.plugin.platform`. It ships CUDA, NPU
 machine without any of them, falls back to "nvidia". This module registers a ``"cpu"`` platform through verl's
 own plugin API and adds the few small, named patches the FSDP engine still needs on CPU:
 
-* :func:`register_cpu_platform` - register :class:`CPUPlatform` under the name ``"cpu"`` (no selection);
-* :func:`apply_cpu_platform` - register it and, only when this host has no CUDA GPU (or ``force=True``),
-  select it: ``VERL_PLATFORM=cpu`` (inherited by Ray workers) and, if verl already resolved another platform
-  in this process, :func:`verl.plugin.platform.set_platform`;
+* :func:`cpu_platform_requested` - whether the user asked for it: ``VERL_PLATFORM=cpu`` (set by hand, by the
+  launcher for ``trainer.device=cpu``, or by the demo). **Nothing here runs unless it was asked for**: on a GPU,
+  NPU or ROCm host, and on a CUDA container without ``nvidia-smi``, verl's platform choice is left alone;
+* :func:`register_cpu_platform` - register :class:`CPUPlatform` under the name ``"cpu"``;
+* :func:`apply_cpu_platform` - register it and select it (replacing the platform verl already resolved in this
+  process, if any);
 * :func:`apply_gloo_process_group` - verl builds the backend string ``"cpu:gloo,<device>:<backend>"``, which on
   CPU becomes ``"cpu:gloo,cpu:gloo"`` (torch: "Duplicate device type cpu"); use plain ``"gloo"`` instead;
 * :func:`apply_engine_device_override` - the FSDP engines are registered for ``cuda``/``npu`` only; verl's own
   ``VERL_ENGINE_DEVICE`` override makes the engine registry look them up as ``cuda``;
-* :func:`apply_cpu_support` - all of the above, in order (what a CPU test or launcher calls).
+* :func:`apply_cpu_support` - all of the above when asked for (what the plugin calls on install).
 
-Every function is idempotent and records itself in :data:`dppo_verl.integrations.APPLIED`. Importing this module
-changes nothing; on a CUDA host :func:`apply_cpu_support` only registers the platform (never selects it). Nothing in
-site-packages is edited; the patches rebind module attributes in this process only.
+Every patch goes through :func:`dppo_verl.integrations.patching.patch_attr` (named, recorded, idempotent). Importing
+this module changes nothing. Nothing in site-packages is edited; the patches rebind module attributes in this
+process only.
 
 Other settings the CPU path needs are configuration, not code: ``attn_implementation=sdpa`` (the default asks for
 flash-attention), ``strategy=fsdp2`` (FSDP1 refuses CPU parameters with ``sync_module_states=True``), and
@@ -38,7 +40,8 @@ from typing import Any, Optional
 import torch
 from verl.plugin.platform import PlatformBase, PlatformRegistry, get_platform, platform_manager, set_platform
 
-from . import mark_applied
+from ...contract import CPU_PLATFORM, ENV_PLATFORM
+from ..patching import APPLIED, patch_attr, record_applied
 
 __all__ = [
     "CPUPlatform",
@@ -48,24 +51,18 @@ __all__ = [
     "apply_engine_device_override",
     "apply_gloo_process_group",
     "cpu_device_module",
-    "has_cuda_gpu",
+    "cpu_platform_requested",
     "register_cpu_platform",
 ]
 
 logger = logging.getLogger("dppo_verl")
 
-PLATFORM_NAME = "cpu"
+PLATFORM_NAME = CPU_PLATFORM
 
 
-def has_cuda_gpu() -> bool:
-    """True when this host has a CUDA GPU: visible to torch here, or an ``nvidia-smi`` that works.
-
-    The second test matters in CPU-only Ray actors of a GPU cluster, where ``torch.cuda.is_available()`` is
-    False although the workers will have GPUs; there the CPU platform must not be selected.
-    """
-    if torch.cuda.is_available():
-        return True
-    return torch.version.cuda is not None and PlatformBase.check_smi_command("nvidia-smi")
+def cpu_platform_requested() -> bool:
+    """True when this process was asked to run verl on the CPU: ``VERL_PLATFORM=cpu`` (inherited by Ray workers)."""
+    return os.environ.get(ENV_PLATFORM, "").strip().lower() == PLATFORM_NAME
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,43 +203,34 @@ class CPUPlatform(PlatformBase):
 
 def register_cpu_platform() -> type:
     """Register :class:`CPUPlatform` as verl platform ``"cpu"`` (idempotent); returns the class."""
-    mark_applied("cpu_platform_registered")
     if PlatformRegistry.get(PLATFORM_NAME) is not CPUPlatform:
         PlatformRegistry.register(platform=PLATFORM_NAME)(CPUPlatform)
+    record_applied("platform.cpu.registered", "verl.plugin.platform.PlatformRegistry", "cpu")
     return CPUPlatform
 
 
-def apply_cpu_platform(force: bool = False) -> bool:
-    """Register the CPU platform and select it when there is no CUDA GPU (or ``force``). Returns whether selected.
-
-    Selection sets ``VERL_PLATFORM=cpu`` unless the user already set ``VERL_PLATFORM`` (then theirs wins), and
-    replaces verl's platform singleton if this process already resolved a different one.
-    """
+def apply_cpu_platform() -> None:
+    """Register the CPU platform and select it: ``VERL_PLATFORM=cpu``, and verl's platform singleton replaced if this
+    process already resolved another one. Call only when asked for (:func:`cpu_platform_requested`)."""
     cls = register_cpu_platform()
-    if not force and has_cuda_gpu():
-        return False
-    requested = os.environ.get("VERL_PLATFORM", "").strip().lower()
-    if requested and requested != PLATFORM_NAME:
-        logger.info("dppo_verl: VERL_PLATFORM=%s set by the user; not selecting the CPU platform", requested)
-        return False
-    os.environ["VERL_PLATFORM"] = PLATFORM_NAME
+    os.environ[ENV_PLATFORM] = PLATFORM_NAME
     current = platform_manager._current_platform
     if current is not None and not isinstance(current, cls):
         set_platform(cls())
-    mark_applied("cpu_platform")
-    return True
+    record_applied("platform.cpu.selected", "verl.plugin.platform.set_platform", "cpu")
 
 
 def _cpu_selected() -> bool:
     return get_platform().device_name == PLATFORM_NAME
 
 
-def _rebind(module_name: str, attr: str, old, new) -> None:
-    """Set ``module.attr = new`` there and in every loaded ``verl`` module that imported ``old`` by name."""
-    setattr(sys.modules[module_name], attr, new)
-    for name, mod in list(sys.modules.items()):
-        if (name == "verl" or name.startswith("verl.")) and mod is not None and getattr(mod, attr, None) is old:
-            setattr(mod, attr, new)
+def _rebind(module, attr: str, new, name: str, signature: str) -> None:
+    """``module.attr = new`` there and in every loaded ``verl`` module that imported the original by name."""
+    orig = getattr(module, attr)
+    patch_attr(module, attr, lambda _orig: new, name=name, signature=signature, needed_by="cpu")
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is not module and mod_name.startswith("verl.") and getattr(mod, attr, None) is orig:
+            patch_attr(mod, attr, lambda _orig: new, name=f"{name}@{mod_name}", signature=signature, needed_by="cpu")
 
 
 def apply_gloo_process_group() -> None:
@@ -252,10 +240,10 @@ def apply_gloo_process_group() -> None:
     ``backend`` argument is honoured) and ``initialize_global_process_group`` (SFT trainer). On other platforms
     the originals run unchanged.
     """
-    if not mark_applied("gloo_process_group"):
-        return
     import verl.utils.distributed as dist_mod
 
+    if APPLIED.get("platform.cpu.gloo_ray") is not None:
+        return
     orig_ray = dist_mod.initialize_global_process_group_ray
     orig_global = dist_mod.initialize_global_process_group
 
@@ -271,11 +259,13 @@ def apply_gloo_process_group() -> None:
             return orig_global(timeout_second=timeout_second)
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_second),
-                                    init_method=os.environ.get("DIST_INIT_METHOD", None))
+                                                 init_method=os.environ.get("DIST_INIT_METHOD", None))
         return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
-    _rebind(dist_mod.__name__, "initialize_global_process_group_ray", orig_ray, initialize_global_process_group_ray)
-    _rebind(dist_mod.__name__, "initialize_global_process_group", orig_global, initialize_global_process_group)
+    _rebind(dist_mod, "initialize_global_process_group_ray", initialize_global_process_group_ray,
+            "platform.cpu.gloo_ray", "timeout_second=, backend=")
+    _rebind(dist_mod, "initialize_global_process_group", initialize_global_process_group,
+            "platform.cpu.gloo_global", "timeout_second=")
 
 
 def apply_engine_device_override() -> None:
@@ -284,15 +274,18 @@ def apply_engine_device_override() -> None:
     ``EngineRegistry.get_engine_cls`` looks engines up by device name; FSDP's are registered for cuda/npu only,
     and their code is device-agnostic through the platform, so the cuda registration is the right one on CPU.
     """
-    if not _cpu_selected() or not mark_applied("engine_device_override"):
+    if not _cpu_selected():
         return
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
+    record_applied("platform.cpu.engine_device", "env VERL_ENGINE_DEVICE", "cpu")
 
 
-def apply_cpu_support(force: bool = False) -> bool:
-    """Register/select the CPU platform and, if selected, apply the engine patches. Returns whether selected."""
-    selected = apply_cpu_platform(force=force)
-    if selected:
-        apply_gloo_process_group()
-        apply_engine_device_override()
-    return selected
+def apply_cpu_support() -> bool:
+    """When the CPU platform was asked for: register and select it, then apply the engine patches. Returns whether
+    it did anything (False, and no change at all, when it was not asked for)."""
+    if not cpu_platform_requested():
+        return False
+    apply_cpu_platform()
+    apply_gloo_process_group()
+    apply_engine_device_override()
+    return True

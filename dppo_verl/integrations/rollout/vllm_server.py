@@ -16,7 +16,7 @@ runtime patch, request by request:
    where verl's agent loops pick them up (see :mod:`.agent_loop`).
 
 Which distribution the log-probs describe is the engine's ``logprobs_mode`` (``processed_logprobs`` = after
-temperature, the one the token was sampled from); :mod:`.rollout_rules` requires it at launch.
+temperature, the one the token was sampled from); :mod:`dppo_verl.launch.rollout_rules` requires it at launch.
 ``patches/verl-0.9.1-vllm-rollout-topk.diff`` makes the same change in verl's source; the two must not be
 combined (the patch refuses to wrap a server already patched that way).
 """
@@ -31,15 +31,72 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import mark_applied
-from ._lazy import when_imported
-from .rollout_topk import requested_topk, topk_arrays_from_flat, topk_arrays_from_vllm
-from .topk_hook import TOPK_KEYS
+from ...contract import CALCULATE_LOG_PROBS, PATCHED_SOURCE_MARKER, TOPK_KEYS
+from ..patching import patch_attr, raise_if_drifted, record_applied, record_drift, source_has_marker, when_imported
+from .topk_arrays import requested_topk
 
-__all__ = ["apply_vllm_server_topk", "MODULE", "PATCHED_SOURCE_MARKER"]
+__all__ = ["apply_vllm_server_topk", "MODULE", "topk_arrays_from_flat", "topk_arrays_from_vllm"]
 
 MODULE = "verl.workers.rollout.vllm_rollout.vllm_async_server"
-PATCHED_SOURCE_MARKER = "DPPO_TOPK_PATCHED"  # left in verl's source by the patches/ diff
+GENERATE_SIGNATURE = ("self, prompt_ids, sampling_params, request_id, image_data=, video_data=, audio_data=, "
+                      "mm_processor_kwargs=, priority=, kv_transfer_params=")
+
+
+# --- vLLM's logprob containers -> [G, K] arrays -----------------------------------------------------------
+
+
+def topk_arrays_from_vllm(step_logprobs: Sequence[Mapping[int, Any]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's ``CompletionOutput.logprobs`` (one ``{token_id: Logprob(logprob, rank, ...)}`` per generated token,
+    holding the top-K plus the sampled token when it ranks below K) -> ``([T, K] int32, [T, K] float32)``.
+
+    Slots are filled by rank (1-based); entries ranked beyond K (the extra sampled token) are dropped.
+    """
+    t = len(step_logprobs)
+    ids = np.zeros((t, k), dtype=np.int32)
+    lps = np.full((t, k), -np.inf, dtype=np.float32)
+    for i, entries in enumerate(step_logprobs):
+        if entries is None:
+            raise ValueError(f"vLLM returned no logprobs for generated token {i}: the request must set logprobs={k}")
+        for token_id, lp in entries.items():
+            rank = getattr(lp, "rank", None)
+            if rank is None:
+                raise ValueError(f"vLLM logprob entry for token {token_id} at position {i} has no rank")
+            if 1 <= rank <= k:
+                ids[i, rank - 1] = token_id
+                lps[i, rank - 1] = lp.logprob
+    return ids, lps
+
+
+def topk_arrays_from_flat(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's ``FlatLogprobs`` (``SamplingParams(flat_logprobs=True)``) -> ``([G, K] int32, [G, K] float32)``.
+
+    With ``logprobs=K`` vLLM stores K+1 entries per position: the sampled token first (its own rank, which may
+    exceed K), then ranks 1..K in order (vllm/logprobs.py ``append_logprobs_for_next_position``). We read the
+    flat lists with numpy instead of building G dicts of K+1 ``Logprob`` objects; the layout is checked, not
+    assumed: any other rank pattern raises.
+    """
+    starts = np.asarray(flat.start_indices, dtype=np.int64)
+    ends = np.asarray(flat.end_indices, dtype=np.int64)
+    g = starts.shape[0]
+    if g == 0:
+        return np.zeros((0, k), dtype=np.int32), np.zeros((0, k), dtype=np.float32)
+    if not np.all(ends - starts == k + 1):
+        raise ValueError(
+            f"vLLM flat logprobs hold {sorted(set((ends - starts).tolist()))} entries per position, expected "
+            f"{k + 1} (sampled token + top-{k}): was the request sent with logprobs={k}?"
+        )
+    at = starts[:, None] + np.arange(1, k + 1)  # [G, K] flat indices of ranks 1..K (skip the sampled entry)
+    ranks = np.asarray(flat.ranks, dtype=np.int64)[at]
+    if not np.array_equal(ranks, np.broadcast_to(np.arange(1, k + 1), (g, k))):
+        bad = int(np.flatnonzero((ranks != np.arange(1, k + 1)).any(axis=1))[0])
+        raise ValueError(f"vLLM flat logprobs at position {bad} have ranks {ranks[bad].tolist()}, expected 1..{k}")
+    ids = np.asarray(flat.token_ids, dtype=np.int32)[at]
+    logp = np.asarray(flat.logprobs, dtype=np.float32)[at]
+    return np.ascontiguousarray(ids), np.ascontiguousarray(logp)
+
+
+
+# --- runtime patch -------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -73,7 +130,7 @@ def _sampling_params_factory(cls):
             if kwargs.get("logprobs") is None:
                 raise ValueError(
                     "dppo_verl: the Top-K loss needs rollout log-probs but this request did not ask for any: "
-                    "set actor_rollout_ref.rollout.calculate_log_probs=True"
+                    f"set {CALCULATE_LOG_PROBS}=True"
                 )
             kwargs["logprobs"] = req.k
             kwargs["flat_logprobs"] = True
@@ -81,7 +138,6 @@ def _sampling_params_factory(cls):
                 kwargs.setdefault("detokenize", False)
         return cls(*args, **kwargs)
 
-    make.dppo_wrapped = cls
     return make
 
 
@@ -123,14 +179,14 @@ def _wrap_engine_generate(orig):
         if req is not None and last is not None and last.outputs:
             _capture(req, last)
 
-    generate.dppo_wrapped = orig
     return generate
 
 
 def _ensure_engine_patched(engine) -> None:
-    cls = type(engine)
-    if not hasattr(cls.generate, "dppo_wrapped"):
-        cls.generate = _wrap_engine_generate(cls.generate)
+    """The engine class is only known at request time (vLLM's AsyncLLM, or verl's wrapper of it)."""
+    if not patch_attr(type(engine), "generate", _wrap_engine_generate, name="rollout.vllm.engine_generate",
+                      signature=("prompt", "sampling_params", "request_id"), needed_by="topk"):
+        raise_if_drifted(("topk",), "rollout top-K (vLLM)")
 
 
 def _wrap_server_generate(orig):
@@ -141,7 +197,9 @@ def _wrap_server_generate(orig):
             return await orig(self, *args, **kwargs)
         _ensure_engine_patched(self.engine)
         req = _TopKRequest(k)
-        out = await asyncio.create_task(orig(self, *args, **kwargs), context=_context_with(req))
+        # A task created inside ctx.run copies ctx (Python 3.10 has no create_task(context=)): the request state
+        # is this task's alone.
+        out = await _context_with(req).run(asyncio.ensure_future, orig(self, *args, **kwargs))
         if out.stop_reason == "aborted" and not out.token_ids:
             return out  # verl re-submits aborted requests; nothing was generated
         if req.arrays is None:
@@ -152,27 +210,26 @@ def _wrap_server_generate(orig):
         out.extra_fields.update(dict(zip(TOPK_KEYS, (ids, logp))))
         return out
 
-    generate.dppo_wrapped = orig
     return generate
 
 
-def _patch(module) -> None:
-    from .._compat import require
-
-    cls = require(module, "vLLMHttpServer")
-    require(cls, "generate")
-    import inspect
-
-    if PATCHED_SOURCE_MARKER in inspect.getsource(cls.generate):
-        return  # verl was patched from patches/: the source change already does this
-    if not hasattr(cls.generate, "dppo_wrapped"):
-        cls.generate = _wrap_server_generate(cls.generate)
-    sp = require(module, "SamplingParams")
-    if not hasattr(sp, "dppo_wrapped"):
-        module.SamplingParams = _sampling_params_factory(sp)
+def patch_module(module) -> None:
+    """Patch verl's vLLM server module (``vLLMHttpServer.generate`` and the module's ``SamplingParams``), or stand
+    aside when verl's source already carries the patches/ diff."""
+    server = getattr(module, "vLLMHttpServer", None)
+    if server is not None and source_has_marker(getattr(server, "generate", None), PATCHED_SOURCE_MARKER):
+        record_applied("rollout.vllm.generate", f"{MODULE}.vLLMHttpServer.generate (patches/ diff: stood aside)", "topk")
+        return
+    if server is None:
+        record_drift("rollout.vllm.generate", f"{MODULE}.vLLMHttpServer", "topk", "does not exist")
+        return
+    patch_attr(server, "generate", _wrap_server_generate, name="rollout.vllm.generate", signature=GENERATE_SIGNATURE,
+               needed_by="topk", target=f"{MODULE}.vLLMHttpServer.generate")
+    patch_attr(module, "SamplingParams", _sampling_params_factory, name="rollout.vllm.sampling_params",
+               signature=("logprobs", "flat_logprobs", "detokenize", "stop"), needed_by="topk",
+               target=f"{MODULE}.SamplingParams")
 
 
 def apply_vllm_server_topk() -> None:
     """Patch verl's vLLM server when its module is imported (idempotent; inert without ``dppo_num_topk``)."""
-    if mark_applied("vllm_server_topk"):
-        when_imported(MODULE, _patch)
+    when_imported(MODULE, patch_module)

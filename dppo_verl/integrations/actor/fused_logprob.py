@@ -30,8 +30,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import mark_applied
-from ._lazy import when_imported
+from ..patching import patch_on_import
 
 __all__ = ["STATS", "apply_fused_logprob_handoff", "current_labels", "flat_rows", "offer", "require_triton"]
 
@@ -81,7 +80,7 @@ def _engine_call(labels: Optional[torch.Tensor]):
 
 def require_triton(logits: torch.Tensor) -> None:
     """The fused op runs Triton kernels: refuse, naming the key, where they cannot run."""
-    from ..ops.kernels import load_vocab_stats_triton
+    from ...ops.kernels import load_vocab_stats_triton
 
     try:
         kernels = load_vocab_stats_triton()
@@ -109,7 +108,7 @@ def current_labels(logits: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(
             f"{KEY}=True: no verl engine call exposes the labels here (the processor must run inside "
             "FSDPEngineWithLMHead.prepare_model_outputs or MegatronEngineWithLMHead._lm_head_logits_processor, "
-            "patched by dppo_verl.integrations.fused_logprob.apply_fused_logprob_handoff)"
+            "patched by dppo_verl.integrations.actor.fused_logprob.apply_fused_logprob_handoff)"
         )
     if labels.numel() != logits[..., 0].numel():
         raise ValueError(f"{KEY}=True: verl's labels {list(labels.shape)} do not match the logits rows "
@@ -153,7 +152,6 @@ def _wrap_logprob_fn(orig):
         STATS["verl_pass"] += 1
         return orig(logits, labels, *args, **kwargs)
 
-    logprobs.dppo_wrapped = orig
     return logprobs
 
 
@@ -163,7 +161,6 @@ def _wrap_fsdp_outputs(orig):
         with _engine_call(output_args.get("input_ids_rmpad_rolled")):
             return orig(self, output, output_args, micro_batch, logits_processor_func)
 
-    prepare_model_outputs.dppo_wrapped = orig
     return prepare_model_outputs
 
 
@@ -173,29 +170,26 @@ def _wrap_megatron_head(orig):
         with _engine_call(label):
             return orig(self, logits, label, temperature, **kwargs)
 
-    _lm_head_logits_processor.dppo_wrapped = orig
     return _lm_head_logits_processor
 
 
-def _patch(module, cls_name: str, method: str, fn_name: str, wrap_method) -> None:
-    from .._compat import require
-
-    cls = require(module, cls_name)
-    require(cls, method)
-    require(module, fn_name)
-    if not hasattr(getattr(cls, method), "dppo_wrapped"):
-        setattr(cls, method, wrap_method(getattr(cls, method)))
-    if not hasattr(getattr(module, fn_name), "dppo_wrapped"):
-        setattr(module, fn_name, _wrap_logprob_fn(getattr(module, fn_name)))
+# (module, engine method, its signature, wrapper; log-prob function, its signature)
+_TARGETS = (
+    (FSDP_MODULE, "FSDPEngineWithLMHead.prepare_model_outputs", "self, output, output_args, micro_batch, "
+     "logits_processor_func", _wrap_fsdp_outputs, "logprobs_from_logits", "logits, labels, inplace_backward="),
+    (MEGATRON_MODULE, "MegatronEngineWithLMHead._lm_head_logits_processor", "self, logits, label, temperature, *, "
+     "calculate_sum_pi_squared, calculate_entropy, distillation_use_topk, distillation_only, logits_processor_func, "
+     "batch, data_format", _wrap_megatron_head, "vocab_parallel_log_probs_from_logits", "logits, labels"),
+)
 
 
 def apply_fused_logprob_handoff() -> None:
-    """Wrap the two engines' logits paths (idempotent; recorded in ``APPLIED``). Inert unless the option is on:
-    the wrappers only set a context variable and find nothing parked. Applied when each engine module is first
-    imported (importing them here would load megatron-core in every process)."""
-    if not mark_applied("fused_logprob_handoff"):
-        return
-    when_imported(FSDP_MODULE, lambda m: _patch(m, "FSDPEngineWithLMHead", "prepare_model_outputs",
-                                                "logprobs_from_logits", _wrap_fsdp_outputs))
-    when_imported(MEGATRON_MODULE, lambda m: _patch(m, "MegatronEngineWithLMHead", "_lm_head_logits_processor",
-                                                    "vocab_parallel_log_probs_from_logits", _wrap_megatron_head))
+    """Wrap the two engines' logits paths when each engine module is first imported (importing them here would load
+    megatron-core in every process). Inert unless the option is on: the wrappers only set a context variable and
+    find nothing parked."""
+    for module, method, method_sig, wrap_method, fn, fn_sig in _TARGETS:
+        engine = module.rsplit(".", 2)[-2]  # fsdp | megatron
+        patch_on_import(module, method, wrap_method, name=f"actor.fused_logprob.{engine}.engine", signature=method_sig,
+                        needed_by="fused")
+        patch_on_import(module, fn, _wrap_logprob_fn, name=f"actor.fused_logprob.{engine}.logprobs", signature=fn_sig,
+                        needed_by="fused")

@@ -1,0 +1,53 @@
+"""The contract between dppo_verl's processes and verl: every batch key, model-output key, config path, environment
+variable and marker, spelled once (SPEC, "Config and data contract"). Nothing here imports verl or torch.
+
+Who writes and who reads (the process map of :mod:`dppo_verl.integrations`)::
+
+    rollout server (vLLM / SGLang)  --extra_fields-->  agent loop  --batch keys-->  actor (logits hook)
+    actor logits hook  --model-output keys-->  actor ppo_loss wrapper  --HandOff-->  DPPO policy loss
+    driver (launcher / main_ppo hook)  --config paths, env vars-->  every Ray worker
+
+Shapes: ``B`` samples, ``T`` response tokens, ``K`` rollout top-K ranks, ``N`` packed logits rows.
+"""
+
+from __future__ import annotations
+
+# --- batch keys, rollout -> actor ----------------------------------------------------------------------------
+ROLLOUT_LOG_PROBS = "rollout_log_probs"  # [B, T] fp32 log mu(a_t) (verl's own key)
+ROLLOUT_TOPK_IDS = "rollout_topk_ids"  # [B, T, K] int32, the engine's ranks 1..K, untouched
+ROLLOUT_TOPK_LOGPROBS = "rollout_topk_logprobs"  # [B, T, K] fp32, -inf where a rank is missing
+TOPK_KEYS = (ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS)
+
+# --- model outputs, actor logits hook -> loss (per packed row, shaped like verl's log_probs) ------------------
+OUT_DIVERGENCE = "dppo_divergence"  # [N] D_t of the Top-K estimator
+OUT_SUPPORT_SIZE = "dppo_support_size"  # [N] valid support slots, 1..K + 1
+OUT_DDOT = "dppo_ddot"  # [N] D-dot_t, direction=predictive only
+TOKEN_OUTPUT_KEYS = (OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_DDOT)
+
+# --- config paths (verl's Hydra tree) ------------------------------------------------------------------------
+ACTOR = "actor_rollout_ref.actor"
+ROLLOUT = "actor_rollout_ref.rollout"
+POLICY_LOSS = f"{ACTOR}.policy_loss"
+LOSS_MODE = f"{POLICY_LOSS}.loss_mode"
+CONFIG_TARGET = "dppo_verl.config.DPPOPolicyLossConfig"  # policy_loss._target_ for the DPPO knobs
+NUM_TOPK_CUSTOM = "dppo_num_topk"  # key under rollout.custom: the K the rollout engine returns
+ROLLOUT_NUM_TOPK = f"{ROLLOUT}.custom.{NUM_TOPK_CUSTOM}"
+ALLOW_TRUNCATED_SAMPLING = f"{ROLLOUT}.custom.dppo_allow_truncated_sampling"
+CALCULATE_LOG_PROBS = f"{ROLLOUT}.calculate_log_probs"
+EXTERNAL_LIB = "actor_rollout_ref.model.external_lib"
+RAY_ENV_VARS = "ray_kwargs.ray_init.runtime_env.env_vars"
+
+DEFAULT_NUM_TOPK = 20  # K of the paper's runs
+
+# --- plugin loading and environment --------------------------------------------------------------------------
+PLUGIN_MODULE = "dppo_verl.plugin"  # importing it installs the plugin (verl's entry point names it)
+ENV_EXTERNAL_MODULES = "VERL_USE_EXTERNAL_MODULES"  # verl imports these modules in every process
+ENV_PLATFORM = "VERL_PLATFORM"  # "cpu" asks for dppo_verl's CPU platform; anything else is verl's business
+ENV_DRIVER_VERSION = "DPPO_VERL_DRIVER_VERSION"  # the driver's dppo_verl version, checked on every node
+ENV_ANY_VERL = "DPPO_VERL_ALLOW_ANY_VERL"  # "1": run DPPO on a verl other than the pinned one (own risk)
+CPU_PLATFORM = "cpu"
+
+# --- markers -------------------------------------------------------------------------------------------------
+PATCHED_SOURCE_MARKER = "DPPO_TOPK_PATCHED"  # left in verl's source by the patches/ diffs
+METRIC_PREFIX = "actor/dppo/"
+VERL_PIN = "0.9.1"

@@ -1,0 +1,118 @@
+"""Actor side, verl surface ``verl.workers.utils.losses.ppo_loss``: hand mu (and the Top-K per-token scalars) to
+the DPPO losses.
+
+verl 0.9.1 builds ``self.loss_fn = partial(ppo_loss, config=actor_config)`` in ``verl.workers.engine_workers``
+from the module attribute ``verl.workers.utils.losses.ppo_loss``; wrapping that attribute (and rebinding the name
+in ``engine_workers`` if it was imported first) reaches FSDP and Megatron alike, since both engines call the same
+loss function.
+
+The wrapper, for DPPO modes only (every other mode is delegated untouched, arguments and all):
+- called as a logits processor (``student_logits=...``, Top-K modes; see :mod:`.topk_hook`), returns the
+  per-row ``dppo_divergence`` / ``dppo_support_size``;
+- reads ``rollout_log_probs`` (and the Top-K hook's ``dppo_*`` model outputs) into a :class:`HandOff`,
+  in the same padded ``[B, T]`` layout ``ppo_loss`` gives ``old_log_probs`` / ``log_prob``;
+- runs verl's own ``ppo_loss`` inside :func:`handoff_scope` (entropy bonus, KL loss, metric logic stay verl's);
+- re-types the ``*_max`` metrics as ``Metric(MAX)`` so verl reports true maxima across micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+from ...knobs import parse_loss_mode, resolve_knobs
+from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE, ROLLOUT_LOG_PROBS
+from ...handoff import HandOff, handoff_scope
+from ...losses import MAX_METRICS
+from ..patching import patch_attr
+from .layout import response_values, sequence_lengths
+
+__all__ = ["apply_ppo_loss_wrapper", "PATCH", "SIGNATURE"]
+
+PATCH = "actor.ppo_loss"
+SIGNATURE = "config, model_output, data, dp_group="
+_MODEL_OUTPUT_TO_FIELD = {OUT_DIVERGENCE: "divergence", OUT_SUPPORT_SIZE: "support_size", OUT_DDOT: "ddot"}
+
+
+def _padded_field(data, key):
+    """``data[key]`` (response-only, nested or padded) as ``[B, T]`` padded exactly like verl pads ``log_prob``
+    in ``no_padding_2_padding`` (T = ``max_response_len`` or the longest response), or None when absent."""
+    if key not in data.keys():
+        return None
+    from verl.utils import tensordict_utils as tu
+
+    _, r_lens = sequence_lengths(data)
+    width = tu.get_non_tensor_data(data=data, key="max_response_len", default=-1)
+    width = int(r_lens.max()) if width is None or width < 0 else int(width)
+    if not data["prompts"].is_nested:
+        width = data["responses"].shape[1]  # dense legacy layout: verl keeps the padded width
+    values = response_values(key, data[key], r_lens)  # [sum R, ...]
+    out = values.new_zeros((len(r_lens), width) + tuple(values.shape[1:]))
+    keep = torch.arange(width, device=values.device)[None, :] < r_lens.to(values.device)[:, None]
+    out[keep] = values
+    return out
+
+
+def _handoff_from(model_output, data) -> HandOff:
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    handoff = HandOff(rollout_log_probs=_padded_field(data, ROLLOUT_LOG_PROBS))
+    for key, attr in _MODEL_OUTPUT_TO_FIELD.items():
+        if model_output is not None and key in model_output:
+            setattr(handoff, attr, no_padding_2_padding(model_output[key], data))
+    return handoff
+
+
+def _retype_max_metrics(metrics: dict) -> None:
+    from verl.utils.metric import AggregationType, Metric
+
+    for key in MAX_METRICS:
+        m = metrics.get(key)
+        if isinstance(m, Metric) and m.aggregation != AggregationType.MAX:
+            retyped = Metric(AggregationType.MAX)
+            retyped.values = list(m.values)
+            metrics[key] = retyped
+
+
+def _megatron_tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _wrap(orig):
+    @functools.wraps(orig)
+    def ppo_loss(config, model_output=None, data=None, dp_group=None, student_logits=None, data_format=None, **kwargs):
+        mode = config.policy_loss.get("loss_mode", "vanilla")
+        parsed = parse_loss_mode(mode)
+        if parsed is None:
+            if student_logits is not None:  # only our flag makes an engine call ppo_loss as a processor
+                raise ValueError(f"ppo_loss called as a logits processor for non-DPPO loss_mode={mode!r}")
+            return orig(config, model_output, data, dp_group, **kwargs)
+        if student_logits is not None:  # the engine's logits-processor call (Top-K modes)
+            from .topk_hook import topk_outputs
+
+            knobs = resolve_knobs(mode, config.policy_loss)
+            tp_group = None if data_format is None else _megatron_tp_group()
+            return topk_outputs(student_logits, data, knobs, tp_group=tp_group, data_format=data_format)
+        with handoff_scope(_handoff_from(model_output, data)):
+            loss, metrics = orig(config, model_output, data, dp_group, **kwargs)
+        _retype_max_metrics(metrics)
+        return loss, metrics
+
+    return ppo_loss
+
+
+def apply_ppo_loss_wrapper() -> bool:
+    """Wrap ``verl.workers.utils.losses.ppo_loss`` (idempotent; recorded; a drifted signature disables DPPO only)."""
+    import verl.workers.utils.losses as losses_mod
+
+    ok = patch_attr(losses_mod, "ppo_loss", _wrap, name=PATCH, signature=SIGNATURE)
+    engine_workers = sys.modules.get("verl.workers.engine_workers")
+    if ok and engine_workers is not None and getattr(engine_workers, "ppo_loss", None) is losses_mod.ppo_loss.dppo_wrapped:
+        # imported by name before we ran: the same wrapper there
+        patch_attr(engine_workers, "ppo_loss", lambda _orig: losses_mod.ppo_loss, name=PATCH + ".engine_workers",
+                   signature=SIGNATURE)
+    return ok

@@ -1,0 +1,107 @@
+"""Top-K divergence inside verl's actor forward, through the engines' logits-processor hook.
+
+verl 0.9.1's engines call the loss function as a logits processor when a micro-batch carries the non-tensor
+flag ``distillation_use_topk`` (added for on-policy distillation; verl_0.9.1_internals.md §4.1):
+
+- FSDP: ``loss_fn(student_logits=[1, N_local, V], data=micro_batch)``; temperature-scaled, full vocabulary,
+  packed rows (``N_local = (N + pad) / sp`` under Ulysses SP: this rank's slice of the packed sequence);
+- Megatron: ``loss_fn(student_logits=..., data=batch, data_format="thd"|"bshd")``; temperature-scaled,
+  vocabulary shard ``V / tp``; THD ``[1, N_pad / cp, V / tp]`` (per-sequence padding, zigzag CP split) or
+  BSHD ``[B, S_pad / cp, V / tp]``.
+
+The batch's response-only rollout tensors are laid out like the logits by :mod:`.layout`. The result is
+per-row scalars (``dppo_divergence``, ``dppo_support_size``, and ``dppo_ddot`` for the predictive direction,
+:mod:`dppo_verl.ops.predictive`) of the logits' leading shape; the engines gather/unpack them like ``log_probs``.
+
+Nothing here keeps a reference to the logits (both engines reuse that buffer in place afterwards) and
+everything runs under no_grad: the divergence only drives the mask. The one exception is the opt-in
+``policy_loss.fused_logprobs``: the same Triton pass then also yields log pi(label) *with* its gradient, which
+replaces the engine's own sampled-token pass (:mod:`.fused_logprob`); only autograd keeps the logits for it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE
+from ...ops.divergence import get_divergence
+from ...ops.predictive import predictive_ddot
+from ...ops.support import build_support
+from ...ops.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_stats
+from .layout import layout_like_logits, packed_support_inputs
+
+__all__ = ["topk_outputs"]
+
+
+def _divergence_outputs(pi_logp, rest_sq, sup, row_valid: torch.Tensor, knobs) -> dict:
+    """log pi at the support ``[s, K + 1]`` (and ``rest_sq [s]``) -> per-row ``dppo_*`` scalars ``[s]`` (0 off-response)."""
+    fn = get_divergence(knobs.divergence).fn
+    out = {OUT_SUPPORT_SIZE: torch.where(row_valid, sup.size, 0.0)}
+    if knobs.direction == "predictive":
+        ddot = predictive_ddot(fn, pi_logp, sup.mu_logp, sup.valid, sup.is_sampled, rest_sq)
+        out[OUT_DDOT] = torch.where(row_valid, ddot, 0.0)
+    out[OUT_DIVERGENCE] = torch.where(row_valid, fn(pi_logp, sup.mu_logp, sup.valid), 0.0)
+    return out
+
+
+def _row_outputs(logits: torch.Tensor, sup, row_valid: torch.Tensor, knobs, tp_group) -> dict:
+    """One ``[s, V_local]`` slab of rows -> per-row ``dppo_*`` scalars ``[s]`` (0 on rows that are not response)."""
+    if knobs.direction == "predictive":
+        # Q_R = sum_{j not in S} pi_j^2 rides in the vocab-parallel SUM (one more float per row).
+        st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid)
+        return _divergence_outputs(st.logp, st.rest_sq, sup, row_valid, knobs)
+    return _divergence_outputs(vocab_parallel_logprobs(logits, sup.ids, tp_group=tp_group), None, sup, row_valid, knobs)
+
+
+def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, grad: bool) -> dict:
+    """``policy_loss.fused_logprobs``: every row at once through one Triton pass that also yields verl's
+    log pi(label) with its gradient (handed to the engine's log-prob call, :mod:`.fused_logprob`)."""
+    from . import fused_logprob as handoff
+    from ...ops.fused_logprob import fused_logprobs
+
+    handoff.require_triton(student_logits)
+    labels = handoff.current_labels(student_logits)
+    lead = tuple(student_logits.shape[:-1])
+    flat = {k: v.reshape((-1,) + tuple(v.shape[len(lead):])) for k, v in laid.items()}
+    row_valid = flat["row_valid"].bool()
+    sup = build_support(flat["sampled"], flat["mu"], flat["topk_ids"], flat["topk_logp"], vocab_size=vocab,
+                        num_topk=knobs.num_topk, row_valid=row_valid)
+    exclude = sup.valid if knobs.direction == "predictive" else None
+    with torch.set_grad_enabled(grad):  # only log pi(label) carries a gradient; the rest drives the mask
+        rows = handoff.flat_rows(student_logits)  # [R, V_local], a view (made with grad on: its backward is free)
+        fused = fused_logprobs(rows, labels.reshape(-1), sup.ids, tp_group=tp_group, sq_exclude=exclude)
+        handoff.offer(student_logits, labels, fused.label_logp.view(labels.shape))
+    out = _divergence_outputs(fused.support_logp, fused.rest_sq, sup, row_valid, knobs)
+    return {key: v.view(lead) for key, v in out.items()}
+
+
+def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, data_format=None) -> dict:
+    """Per-row ``dppo_divergence``, ``dppo_support_size`` (and ``dppo_ddot`` for ``direction=predictive``), each
+    with the logits' leading shape ``[b, s]``. Under no_grad, except the fused log pi(label) (``fused_logprobs``)."""
+    grad = torch.is_grad_enabled()
+    with torch.no_grad():
+        packed = packed_support_inputs(data, knobs.num_topk)
+        offsets = packed.pop("offsets")
+        packed["row_valid"] = packed["row_valid"].to(torch.uint8)  # padding helpers pad with 0; bool cannot be padded
+        laid = {k: layout_like_logits(v, offsets, data_format) for k, v in packed.items()}
+        lead = tuple(student_logits.shape[:-1])
+        for k, v in laid.items():
+            if tuple(v.shape[: len(lead)]) != lead:
+                raise ValueError(
+                    f"Top-K rows do not line up with the logits: {k} laid out as {list(v.shape)}, logits "
+                    f"{list(student_logits.shape)} (data_format={data_format}); pad_to_length / fp8 padding / "
+                    "contiguous CP layouts are not supported with Top-K DPPO"
+                )
+        tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+        vocab = student_logits.shape[-1] * tp
+        if getattr(knobs, "fused_logprobs", False):
+            return _fused_outputs(student_logits, laid, knobs, tp_group, vocab, grad)
+        rows = []
+        for b in range(lead[0]):  # b = 1 except Megatron BSHD; logits[b] is a 2-D view, never a copy
+            row_valid = laid["row_valid"][b].bool()
+            sup = build_support(laid["sampled"][b], laid["mu"][b], laid["topk_ids"][b], laid["topk_logp"][b],
+                                vocab_size=vocab, num_topk=knobs.num_topk, row_valid=row_valid)
+            rows.append(_row_outputs(student_logits[b], sup, row_valid, knobs, tp_group))
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
