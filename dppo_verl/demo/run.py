@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from ..contract import CPU_PLATFORM, ENV_PLATFORM
+from ..contract import CPU_PLATFORM, DEFAULT_NUM_TOPK, ENV_PLATFORM
 from . import report
 from .assets import build_all
 
@@ -122,7 +122,7 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_demo(*, loss: str = "dppo_tv_topk", k: int = 20, steps: int = 50, seed: int = 0, lr: float = 5e-4,
+def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: int = 50, seed: int = 0, lr: float = 5e-4,
              batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int = 12, run_name: str | None = None,
              runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500,
              extra_overrides: tuple[str, ...] = (), extra_env: dict | None = None) -> dict:
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     ap.add_argument("--loss", default="dppo_tv_topk", choices=LOSSES)
     ap.add_argument("--losses", nargs="+", default=["dppo_tv_topk", "vanilla"], choices=LOSSES)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--k", type=int, default=DEFAULT_NUM_TOPK)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--minibatches", type=int, default=4, help="optimizer steps per rollout batch")

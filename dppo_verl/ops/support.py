@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..contract import ROLLOUT_LOG_PROBS, ROLLOUT_NUM_TOPK, ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS
 from .checks import check_finite_logprobs, check_int_ids, check_shape
 
 __all__ = ["Support", "build_support"]
@@ -66,7 +67,7 @@ def build_support(
     if row_valid is not None:
         check_shape("row_valid (response_mask)", row_valid, lead)
         row_valid = row_valid.bool()
-    check_finite_logprobs("rollout_log_probs", sampled_logp, row_valid)
+    check_finite_logprobs(ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
     sampled_ids = sampled_ids.long()
 
     if topk_ids is None:
@@ -79,21 +80,21 @@ def build_support(
 
     if topk_logp is None:
         raise ValueError("rollout_topk_ids given without rollout_topk_logprobs")
-    check_shape("rollout_topk_ids", topk_ids, lead + [None])
+    check_shape(ROLLOUT_TOPK_IDS, topk_ids, lead + [None])
     k = topk_ids.shape[-1]
-    check_shape("rollout_topk_logprobs", topk_logp, lead + [k])
+    check_shape(ROLLOUT_TOPK_LOGPROBS, topk_logp, lead + [k])
     if num_topk is not None and k != num_topk:
         raise ValueError(
-            f"rollout_topk_ids has K={k} (shape {list(topk_ids.shape)}) but policy_loss.num_topk={num_topk}; "
-            f"set +actor_rollout_ref.rollout.custom.dppo_num_topk={num_topk} or policy_loss.num_topk={k}"
+            f"{ROLLOUT_TOPK_IDS} has K={k} (shape {list(topk_ids.shape)}) but policy_loss.num_topk={num_topk}; "
+            f"set +{ROLLOUT_NUM_TOPK}={num_topk} or policy_loss.num_topk={k}"
         )
     slot_rows = None if row_valid is None else row_valid.unsqueeze(-1)
-    check_finite_logprobs("rollout_topk_logprobs", topk_logp, slot_rows)
+    check_finite_logprobs(ROLLOUT_TOPK_LOGPROBS, topk_logp, slot_rows)
     topk_logp = topk_logp.float()
     real = torch.isfinite(topk_logp)
     if slot_rows is not None:
         real = real & slot_rows
-    check_int_ids("rollout_topk_ids", topk_ids, vocab_size, real)
+    check_int_ids(ROLLOUT_TOPK_IDS, topk_ids, vocab_size, real)
     topk_ids = topk_ids.long()
 
     # A rank is a duplicate when the same id occurs at a lower valid rank: [..., K, K] comparison, K ~ 20.
