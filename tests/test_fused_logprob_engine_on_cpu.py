@@ -134,7 +134,7 @@ def engine_checks(rank, world, results):
     import verl.workers.engine.fsdp.transformer_impl  # noqa: F401  (the patches apply when the engines are imported)
     import verl.workers.engine.megatron.transformer_impl  # noqa: F401
 
-    assert all(APPLIED[f"actor.fused_logprob.{e}.{p}"].ok for e in ("fsdp", "megatron") for p in ("engine", "logprobs"))
+    assert all(APPLIED[f"actor.{p}.{e}"].ok for e in ("fsdp", "megatron") for p in ("engine_context", "fused_logprob"))
     assert world == 2
     if rank == 0:
         off, verl_calls = _fsdp_run(False)
@@ -172,13 +172,20 @@ def _handoff():
     return fl
 
 
+def _engine_call(labels):
+    """One engine call's context, as the engine wrappers open it (dppo_verl.integrations.actor.engine_context)."""
+    from dppo_verl.integrations.actor import engine_context
+
+    return engine_context._engine_call(engine_context.EngineCall(labels=labels))
+
+
 def test_handoff_only_for_the_same_logits_and_labels(caplog):
     fl = _handoff()
     calls = []
     verl_fn = fl._wrap_logprob_fn(lambda logits, labels, **kw: calls.append(1) or torch.zeros(labels.shape))
     logits, labels = torch.randn(5, 30), torch.randint(0, 30, (5,))
     mine = torch.full((5,), -1.0)
-    with fl._engine_call(labels):
+    with _engine_call(labels):
         with pytest.raises(ValueError, match=r"log pi\(a_t\) \[1, 5\] is not shaped like verl's labels \[5\]"):
             fl.offer(logits[None], labels, mine[None])
         fl.offer(logits[None], fl.current_labels(logits[None]), mine)  # FSDP: the processor sees [1, N, V]
@@ -192,7 +199,7 @@ def test_handoff_only_for_the_same_logits_and_labels(caplog):
     }
     for what, make in cases.items():
         before = fl.STATS["unused"]
-        with caplog.at_level(logging.WARNING, logger=fl.__name__), fl._engine_call(labels):
+        with caplog.at_level(logging.WARNING, logger=fl.__name__), _engine_call(labels):
             fl.offer(logits, labels, mine)
             got = verl_fn(*make())
         assert got.data_ptr() != mine.data_ptr() and calls, what
@@ -206,7 +213,7 @@ def test_processor_refuses_without_engine_labels_or_gpu():
     fl = _handoff()
     with pytest.raises(RuntimeError, match="fused_logprobs=True: no verl engine call exposes the labels"):
         fl.current_labels(torch.randn(1, 4, 30))
-    with fl._engine_call(torch.zeros(5, dtype=torch.long)):
+    with _engine_call(torch.zeros(5, dtype=torch.long)):
         with pytest.raises(ValueError, match=r"labels \[5\] do not match the logits rows \[1, 4\]"):
             fl.current_labels(torch.randn(1, 4, 30))
     with pytest.raises(ValueError, match="fused_logprobs=True needs logits whose rows flatten"):

@@ -1,10 +1,12 @@
 """Megatron logits path on CPU: megatron-core parallel_state on gloo, a real vocab-parallel output layer
-(ColumnParallelLinear), verl's THD/BSHD layouts with TP and CP, our hook called the way verl's Megatron engine
-calls it (``student_logits=[b, s/cp, V/tp], data=batch, data_format=...``), checked row by row against the
-dense fp64 reference of the unsharded model.
+(ColumnParallelLinear), THD/BSHD layouts with TP and CP, our hook called the way verl's Megatron engine calls it
+(``student_logits=[b, s/cp, V/tp], data=batch, data_format=...``), checked row by row against the dense fp64
+reference of the unsharded model.
 
-verl's Megatron *engine* itself cannot run on CPU (Transformer Engine layer specs); this drives its logits
-hook with the same tensors it would receive.
+Which packed row each logits row holds comes from ``reference.megatron_rows`` (the layout rules written out
+independently), never from verl's layout helpers, which the hook itself uses: a hook that laid rows out differently
+from the engine would fail here. BSHD includes ``forced_max_seqlen`` (verl pads every micro-batch to the mini-batch
+maximum by default). verl's real Megatron engine runs the BSHD path end to end in test_megatron_engine_on_cpu.py.
 """
 
 import pytest
@@ -18,11 +20,10 @@ PROMPTS, RESPS = [3, 5, 2, 4], [4, 2, 6, 3]
 ATOL = 2e-5  # fp32 matmul logits (~1e-6 relative) + fp32 log-probs, summed over <= K + 2 cells
 
 
-def _worker(rank, world, tp, cp, data_format, name, direction="sampled"):
+def _worker(rank, world, tp, cp, data_format, name, direction="sampled", forced=None):
     from megatron.core import parallel_state as mpu
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear
-    from verl.models.mcore.util import preprocess_bshd_engine, preprocess_thd_engine
 
     import verl.workers.utils.losses as L
     from conftest import make_actor_config
@@ -42,12 +43,16 @@ def _worker(rank, world, tp, cp, data_format, name, direction="sampled"):
         hidden = torch.randn(n, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.3
         data, truth = make_topk_batch(PROMPTS, RESPS, V, K, pi_logits=hidden @ w_full.T)
 
-        # The engine's layout of the packed rows (what it does to input_ids), applied to hidden and to row ids.
-        offsets = torch.tensor(truth["offsets"])
-        prep = preprocess_thd_engine if data_format == "thd" else preprocess_bshd_engine
-        lay = lambda x: prep(torch.nested.nested_tensor_from_jagged(x, offsets), pre_process=True)[0]
-        h_local = lay(hidden.float())  # [b, s_local, H]
-        global_row = lay(torch.arange(1, n + 1))  # 0 = padding row
+        # The engine's layout of the packed rows, from the layout rules alone (1-based global row, 0 = padding).
+        import reference as ref
+        from verl.utils import tensordict_utils as tu
+
+        seq_lens = [p + r for p, r in zip(PROMPTS, RESPS)]
+        global_row = ref.megatron_rows(seq_lens, tp=tp, cp=cp, cp_rank=mpu.get_context_parallel_rank(),
+                                       data_format=data_format, forced_max_seqlen=forced)
+        h_local = torch.cat([torch.zeros(1, H, dtype=torch.float64), hidden])[global_row].float()  # [b, s_local, H]
+        if forced is not None:
+            tu.assign_non_tensor(data, forced_max_seqlen=forced)  # what verl's engine attaches to each micro-batch
         with torch.no_grad():
             logits = head(h_local.transpose(0, 1).contiguous())[0].transpose(0, 1)  # [b, s_local, V/tp]
         assert logits.shape[-1] == V // tp
@@ -77,9 +82,11 @@ def _worker(rank, world, tp, cp, data_format, name, direction="sampled"):
 
 
 @pytest.mark.parametrize(
-    "world,tp,cp,data_format,name,direction",
-    [(2, 2, 1, "thd", "tv", "sampled"), (2, 1, 2, "thd", "kl", "sampled"), (2, 2, 1, "bshd", "kl", "predictive"),
-     (4, 2, 2, "thd", "tv", "predictive")],
+    "world,tp,cp,data_format,name,direction,forced",
+    [(2, 2, 1, "thd", "tv", "sampled", None), (2, 1, 2, "thd", "kl", "sampled", None),
+     (2, 2, 1, "bshd", "kl", "predictive", None), (2, 2, 1, "bshd", "tv", "sampled", 13),
+     (2, 1, 2, "bshd", "tv", "sampled", 11), (4, 2, 2, "thd", "tv", "predictive", None)],
 )
-def test_megatron_hook_layouts(world, tp, cp, data_format, name, direction):
-    run_distributed(_worker, world, tp, cp, data_format, name, direction)
+def test_megatron_hook_layouts(world, tp, cp, data_format, name, direction, forced):
+    """``forced``: verl's ``forced_max_seqlen`` (the mini-batch's longest sequence, longer than this micro-batch's)."""
+    run_distributed(_worker, world, tp, cp, data_format, name, direction, forced)

@@ -14,16 +14,14 @@ gradient) and :func:`offer` parks it; our wrapper of the engine's log-prob funct
 reading the logits again, and only when the call is for the very same logits (data pointer, rows, strides, dtype,
 version counter: an in-place write in between means "not the same") and the very same label tensor object.
 Anything else goes to verl's original (with a warning when a parked result goes unused, so a changed engine
-cannot silently cost a second read). The processor needs verl's labels, which it is not given: the two engine
-methods above are wrapped to expose them (:func:`current_labels`) for the duration of their call, and the parked
-result is dropped when that call ends, so nothing outlives its micro-batch and no reference to the logits is kept
-beyond autograd's own.
+cannot silently cost a second read). The processor needs verl's labels, which it is not given:
+:mod:`.engine_context` exposes them (:func:`current_labels`) for the duration of the two engine methods above, and
+the parked result is dropped when that call ends, so nothing outlives its micro-batch and no reference to the logits
+is kept beyond autograd's own.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import logging
 from typing import NamedTuple, Optional
@@ -31,6 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..patching import patch_on_import
+from .engine_context import EngineCall, current_call, on_exit
 
 __all__ = ["STATS", "apply_fused_logprob_handoff", "current_labels", "flat_rows", "offer", "require_triton"]
 
@@ -48,8 +47,6 @@ class _Parked(NamedTuple):
     logp: torch.Tensor  # labels' shape, fp32, with grad
 
 
-_LABELS: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("dppo_fused_labels", default=None)
-_PARKED: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("dppo_fused_parked", default=None)
 
 
 def _logits_key(logits: torch.Tensor) -> Optional[tuple]:
@@ -62,20 +59,15 @@ def _logits_key(logits: torch.Tensor) -> Optional[tuple]:
     return (rows.data_ptr(), tuple(rows.shape), tuple(rows.stride()), rows.dtype, rows.device, logits._version)
 
 
-@contextlib.contextmanager
-def _engine_call(labels: Optional[torch.Tensor]):
-    """Expose verl's labels to the processor for one engine call; drop whatever was parked and not taken."""
-    labels_token, parked_token = _LABELS.set(labels), _PARKED.set([])
-    try:
-        yield
-    finally:
-        left = _PARKED.get()
-        _LABELS.reset(labels_token)
-        _PARKED.reset(parked_token)
-        if left:
-            STATS["unused"] += 1
-            logger.warning("dppo_verl: %s=True computed log pi(a_t) but the engine's log-prob pass did not take it "
-                           "(the logits or labels differ); verl's own pass read the logits again", KEY)
+def _warn_unused(call: EngineCall) -> None:
+    """At the end of an engine call: a fused result the engine's log-prob pass did not take means a second read."""
+    if call.parked:
+        STATS["unused"] += 1
+        logger.warning("dppo_verl: %s=True computed log pi(a_t) but the engine's log-prob pass did not take it "
+                       "(the logits or labels differ); verl's own pass read the logits again", KEY)
+
+
+on_exit(_warn_unused)
 
 
 def require_triton(logits: torch.Tensor) -> None:
@@ -103,12 +95,13 @@ def flat_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def current_labels(logits: torch.Tensor) -> torch.Tensor:
     """verl's labels for the engine call in progress, shaped like ``logits.shape[:-1]`` (error if unavailable)."""
-    labels = _LABELS.get()
+    call = current_call()
+    labels = None if call is None else call.labels
     if labels is None:
         raise RuntimeError(
             f"{KEY}=True: no verl engine call exposes the labels here (the processor must run inside "
             "FSDPEngineWithLMHead.prepare_model_outputs or MegatronEngineWithLMHead._lm_head_logits_processor, "
-            "patched by dppo_verl.integrations.actor.fused_logprob.apply_fused_logprob_handoff)"
+            "patched by dppo_verl.integrations.actor.engine_context.apply_engine_context)"
         )
     if labels.numel() != logits[..., 0].numel():
         raise ValueError(f"{KEY}=True: verl's labels {list(labels.shape)} do not match the logits rows "
@@ -119,7 +112,8 @@ def current_labels(logits: torch.Tensor) -> torch.Tensor:
 def offer(logits: torch.Tensor, labels: torch.Tensor, logp: torch.Tensor) -> None:
     """Park log pi(labels) (shaped like ``labels``) computed from ``logits`` for the engine's log-prob pass of
     this call. The caller shapes it under grad mode: a view made under no_grad would cut the graph."""
-    parked = _PARKED.get()
+    call = current_call()
+    parked = None if call is None else call.parked
     key = _logits_key(logits)
     if parked is None or key is None:
         raise RuntimeError(f"{KEY}=True: nothing to hand log pi(a_t) to (no engine call in progress, or logits "
@@ -130,12 +124,13 @@ def offer(logits: torch.Tensor, labels: torch.Tensor, logp: torch.Tensor) -> Non
 
 
 def _take(logits: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
-    parked = _PARKED.get()
+    call = current_call()
+    parked = None if call is None else call.parked
     if not parked:
         return None
     p = parked[0]
     if p.labels is not labels or p.labels_version != labels._version or p.logits_key != _logits_key(logits):
-        return None  # not our call: verl's original runs (and _engine_call warns that ours went unused)
+        return None  # not our call: verl's original runs (and the engine call warns that ours went unused)
     parked.clear()
     STATS["handed_off"] += 1
     return p.logp
@@ -155,41 +150,17 @@ def _wrap_logprob_fn(orig):
     return logprobs
 
 
-def _wrap_fsdp_outputs(orig):
-    @functools.wraps(orig)
-    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
-        with _engine_call(output_args.get("input_ids_rmpad_rolled")):
-            return orig(self, output, output_args, micro_batch, logits_processor_func)
-
-    return prepare_model_outputs
-
-
-def _wrap_megatron_head(orig):
-    @functools.wraps(orig)
-    def _lm_head_logits_processor(self, logits, label, temperature, **kwargs):
-        with _engine_call(label):
-            return orig(self, logits, label, temperature, **kwargs)
-
-    return _lm_head_logits_processor
-
-
-# (module, engine method, its signature, wrapper; log-prob function, its signature)
+# (module, verl's sampled-token log-prob function there, its signature)
 _TARGETS = (
-    (FSDP_MODULE, "FSDPEngineWithLMHead.prepare_model_outputs", "self, output, output_args, micro_batch, "
-     "logits_processor_func", _wrap_fsdp_outputs, "logprobs_from_logits", "logits, labels, inplace_backward="),
-    (MEGATRON_MODULE, "MegatronEngineWithLMHead._lm_head_logits_processor", "self, logits, label, temperature, *, "
-     "calculate_sum_pi_squared, calculate_entropy, distillation_use_topk, distillation_only, logits_processor_func, "
-     "batch, data_format", _wrap_megatron_head, "vocab_parallel_log_probs_from_logits", "logits, labels"),
+    (FSDP_MODULE, "logprobs_from_logits", "logits, labels, inplace_backward="),
+    (MEGATRON_MODULE, "vocab_parallel_log_probs_from_logits", "logits, labels"),
 )
 
 
 def apply_fused_logprob_handoff() -> None:
-    """Wrap the two engines' logits paths when each engine module is first imported (importing them here would load
-    megatron-core in every process). Inert unless the option is on: the wrappers only set a context variable and
-    find nothing parked."""
-    for module, method, method_sig, wrap_method, fn, fn_sig in _TARGETS:
+    """Wrap the two engines' sampled-token log-prob functions when each engine module is first imported. Inert
+    unless the option is on: the wrappers find nothing parked. The labels come from :mod:`.engine_context`."""
+    for module, fn, signature in _TARGETS:
         engine = module.rsplit(".", 2)[-2]  # fsdp | megatron
-        patch_on_import(module, method, wrap_method, name=f"actor.fused_logprob.{engine}.engine", signature=method_sig,
-                        needed_by="fused")
-        patch_on_import(module, fn, _wrap_logprob_fn, name=f"actor.fused_logprob.{engine}.logprobs", signature=fn_sig,
+        patch_on_import(module, fn, _wrap_logprob_fn, name=f"actor.fused_logprob.{engine}", signature=signature,
                         needed_by="fused")

@@ -16,7 +16,7 @@ import torch
 
 from ...contract import ROLLOUT_LOG_PROBS, ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS, ROLLOUT_NUM_TOPK, TOPK_KEYS
 
-__all__ = ["sequence_lengths", "response_values", "packed_support_inputs", "layout_like_logits"]
+__all__ = ["sequence_lengths", "response_values", "packed_support_inputs", "layout_like_logits", "megatron_layout_of"]
 
 
 def sequence_lengths(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +98,24 @@ def _arange_within(lens: torch.Tensor) -> torch.Tensor:
     return torch.arange(total, device=lens.device) - starts
 
 
-def layout_like_logits(x: torch.Tensor, offsets: torch.Tensor, data_format: Optional[str]) -> torch.Tensor:
-    """Packed ``[N, ...]`` -> the logits' row layout, with verl's own helpers (see module docstring)."""
+def megatron_layout_of(data) -> "MegatronLayout":
+    """The row layout verl's Megatron forward gave the logits of this micro-batch: from the engine call in progress
+    (:mod:`.engine_context`), else (the processor called outside an engine, e.g. directly) what the batch says."""
+    from verl.utils import tensordict_utils as tu
+
+    from .engine_context import MegatronLayout, current_call
+
+    call = current_call()
+    if call is not None and call.megatron is not None:
+        return call.megatron
+    return MegatronLayout(local_cp_size=tu.get_non_tensor_data(data=data, key="local_cp_size", default=None),
+                          forced_max_seqlen=tu.get_non_tensor_data(data=data, key="forced_max_seqlen", default=None))
+
+
+def layout_like_logits(x: torch.Tensor, offsets: torch.Tensor, data_format: Optional[str],
+                       megatron: "Optional[MegatronLayout]" = None) -> torch.Tensor:
+    """Packed ``[N, ...]`` -> the logits' row layout, with verl's own helpers and the very arguments verl's
+    ``gptmodel_forward_model_engine`` gave them (``megatron``; defaults when None)."""
     if data_format is None:  # FSDP: packed rows, Ulysses-sliced when SP > 1
         from verl.utils.ulysses import get_ulysses_sequence_parallel_world_size, slice_input_tensor
 
@@ -108,12 +124,16 @@ def layout_like_logits(x: torch.Tensor, offsets: torch.Tensor, data_format: Opti
             x = slice_input_tensor(x, dim=1)
         return x
     from ..._compat import require
+    from .engine_context import MegatronLayout
 
+    m = megatron or MegatronLayout()
     util = "verl.models.mcore.util"
-    preprocess_thd_engine, preprocess_bshd_engine = require(util, "preprocess_thd_engine"), require(util, "preprocess_bshd_engine")
     nested = torch.nested.nested_tensor_from_jagged(x, offsets)
-    if data_format == "thd":
-        return preprocess_thd_engine(nested, pre_process=True)[0]
-    if data_format == "bshd":
-        return preprocess_bshd_engine(nested, pre_process=True)[0]
+    if data_format == "thd":  # [1, N_pad / cp, ...]: per-sequence padding, CP split (zigzag or contiguous)
+        return require(util, "preprocess_thd_engine")(
+            nested, pre_process=True, use_fp8_padding=m.use_fp8_padding, local_cp_size=m.local_cp_size,
+            pad_to_length_bucket=m.pad_to_length_bucket, cp_layout=m.cp_layout)[0]
+    if data_format == "bshd":  # [B, S_pad, ...]: S_pad = forced_max_seqlen (the mini-batch maximum) when verl sets it
+        return require(util, "preprocess_bshd_engine")(
+            nested, pre_process=True, use_fp8_padding=m.use_fp8_padding, forced_max_seqlen=m.forced_max_seqlen)[0]
     raise ValueError(f"unknown data_format {data_format!r} from the Megatron engine")

@@ -30,7 +30,7 @@ from ...ops.divergence import get_divergence
 from ...ops.predictive import predictive_ddot
 from ...ops.support import build_support
 from ...ops.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_stats
-from .layout import layout_like_logits, packed_support_inputs
+from .layout import layout_like_logits, megatron_layout_of, packed_support_inputs
 
 __all__ = ["topk_outputs"]
 
@@ -85,14 +85,15 @@ def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, da
         packed = packed_support_inputs(data, knobs.num_topk)
         offsets = packed.pop("offsets")
         packed["row_valid"] = packed["row_valid"].to(torch.uint8)  # padding helpers pad with 0; bool cannot be padded
-        laid = {k: layout_like_logits(v, offsets, data_format) for k, v in packed.items()}
+        megatron = None if data_format is None else megatron_layout_of(data)
+        laid = {k: layout_like_logits(v, offsets, data_format, megatron) for k, v in packed.items()}
         lead = tuple(student_logits.shape[:-1])
         for k, v in laid.items():
             if tuple(v.shape[: len(lead)]) != lead:
                 raise ValueError(
                     f"Top-K rows do not line up with the logits: {k} laid out as {list(v.shape)}, logits "
-                    f"{list(student_logits.shape)} (data_format={data_format}); pad_to_length / fp8 padding / "
-                    "contiguous CP layouts are not supported with Top-K DPPO"
+                    f"{list(student_logits.shape)} (data_format={data_format}, layout {megatron}): verl laid out this "
+                    "micro-batch in a way the hook does not reproduce; please report it with the verl version"
                 )
         tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
         vocab = student_logits.shape[-1] * tp
