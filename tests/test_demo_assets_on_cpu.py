@@ -75,6 +75,7 @@ def test_model_loads_with_transformers_and_has_head_dim_64(built, tokenizer):
         cfg = json.load(f)
     assert cfg["model_type"] == "qwen2" and cfg["dtype"] == "bfloat16"
     assert cfg["hidden_size"] // cfg["num_attention_heads"] == 64  # vLLM's CPU attention refuses other sizes
+    assert cfg["num_key_value_heads"] % 2 == 0 and cfg["num_attention_heads"] % 2 == 0  # Megatron TP=2 demo
     assert cfg["vocab_size"] % 64 == 0 and cfg["vocab_size"] >= len(tokenizer)
     assert cfg["eos_token_id"] == tokenizer.eos_token_id and cfg["pad_token_id"] == tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(built["model_init"], dtype=torch.float32)

@@ -1,4 +1,6 @@
-"""CI smoke of ``make demo``: verl's real trainer (main_ppo, Ray, vLLM CPU, FSDP actor) for 2 steps with Top-K.
+"""CI smoke of ``make demo`` and ``make demo ENGINE=megatron``: verl's real trainer (main_ppo, Ray, vLLM CPU, the
+FSDP actor, or the Megatron actor at tensor parallelism 2 with two micro-batches per mini-batch) for 2 steps with
+Top-K.
 
 The same code path as ``make demo`` (``python -m dppo_verl.demo run``), smaller batch. Checks that verl logged
 every step with finite metrics, that the Top-K path ran (``actor/dppo/support_size`` > 1: binary is exactly 1)
@@ -19,9 +21,11 @@ from dppo_verl.demo import report
 
 
 @pytest.mark.timeout(1000)
-def test_demo_two_steps_topk(tmp_path):
+@pytest.mark.parametrize("engine,minibatches", [("fsdp", 2), ("megatron", 1)])  # megatron: 8 samples, 2 micro-batches
+def test_demo_two_steps_topk(tmp_path, engine, minibatches):
     cmd = [sys.executable, "-m", "dppo_verl.demo", "run", "--steps", "2", "--batch", "4", "--n", "2",
-           "--minibatches", "2", "--loss", "dppo_tv_topk", "--runs-dir", str(tmp_path), "--run-name", "smoke", "--timeout", "900"]
+           "--minibatches", str(minibatches), "--loss", "dppo_tv_topk", "--runs-dir", str(tmp_path), "--run-name",
+           "smoke", "--timeout", "900", "--engine", engine]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=960)
     run_dir = tmp_path / "smoke"
     log = (run_dir / "train.log").read_text()[-4000:] if (run_dir / "train.log").exists() else ""
@@ -41,3 +45,8 @@ def test_demo_two_steps_topk(tmp_path):
     assert summary["steps_logged"] == 2 and summary["exit_code"] == 0
     assert os.path.getsize(summary["plot"]) > 10_000
     assert sum(line.startswith("[demo] step ") for line in proc.stdout.splitlines()) == 2  # progress lines
+    command = (run_dir / "command.txt").read_text()
+    if engine == "megatron":
+        assert "ppo_megatron_trainer" in command and "tensor_model_parallel_size=2" in command
+        assert "ppo_micro_batch_size_per_gpu=4" in command and "ppo_mini_batch_size=4" in command  # 8 samples / 2
+    assert "dppo_verl failed to install" not in proc.stdout + proc.stderr

@@ -48,8 +48,10 @@ CHAT_TEMPLATE = (
 )
 
 # head_dim = hidden / heads = 64: vLLM's CPU attention refuses smaller heads (16 was refused in a probe).
+# Two KV heads: Megatron's tensor parallelism needs num_key_value_heads % tp == 0 (make demo ENGINE=megatron, TP=2);
+# the FSDP demo trains the same model.
 MODEL_SETTINGS = dict(
-    hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2, intermediate_size=384,
+    hidden_size=128, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=384,
     max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False, dtype="bfloat16",
 )
 

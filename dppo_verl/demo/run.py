@@ -11,8 +11,9 @@ from verl's ``file`` logger (:mod:`.report`) and leaves, under ``runs/<run>/``:
 * ``<run>.png`` - reward, masked fraction by advantage sign, mean divergence and mean |pi - mu| per step;
 * ``summary.json`` - wall time, peak memory (PSS) of the process tree, reward at the first and last step.
 
-  python -m dppo_verl.demo run --steps 50 --loss dppo_tv_topk --k 20
+  python -m dppo_verl.demo run --steps 50 --loss dppo_tv_topk --k 20 [--engine megatron]
   python -m dppo_verl.demo compare --losses dppo_tv_topk vanilla --steps 50
+  python -m dppo_verl.demo compare --losses dppo_tv_topk --engines fsdp megatron
 """
 
 from __future__ import annotations
@@ -36,9 +37,39 @@ LOSSES = ("dppo_tv_topk", "dppo_kl_topk", "dppo_tv_binary", "dppo_kl_binary", "v
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+ENGINES = ("fsdp", "megatron")
+MEGATRON_TP = 2
+
+
+def engine_overrides(engine: str, *, mini_samples: int) -> tuple[list[str], list[str]]:
+    """``(hydra flags, overrides)`` of the actor engine. FSDP2 on one rank; or verl's Megatron engine with tensor
+    parallelism 2 (two CPU ranks over gloo, dppo_verl's CPU Megatron support) and two micro-batches per mini-batch,
+    so the padded (BSHD) layout path runs every step."""
+    A = "actor_rollout_ref.actor"
+    if engine == "fsdp":
+        return [], [
+            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",  # no flash-attention on CPU
+            f"{A}.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",  # FSDP1 refuses CPU params
+            f"{A}.ppo_micro_batch_size_per_gpu={mini_samples}", f"{A}.use_torch_compile=False",
+            "+ray_kwargs.ray_init.num_gpus=1", "trainer.n_gpus_per_node=1",  # verl counts "GPU"s; cpu platform maps
+        ]
+    if engine != "megatron":
+        raise ValueError(f"ENGINE={engine!r} is not one of {', '.join(ENGINES)}")
+    from ..integrations.platform.cpu_megatron import cpu_megatron_overrides
+
+    if mini_samples % 2:
+        raise ValueError(f"a mini-batch of {mini_samples} samples cannot split into two micro-batches")
+    return ["--config-name", "ppo_megatron_trainer"], [
+        f"{A}.megatron.tensor_model_parallel_size={MEGATRON_TP}", *cpu_megatron_overrides(A),
+        f"{A}.ppo_micro_batch_size_per_gpu={mini_samples // 2}",  # two micro-batches of different longest sequence
+        f"+ray_kwargs.ray_init.num_gpus={MEGATRON_TP}", f"trainer.n_gpus_per_node={MEGATRON_TP}",
+    ]
+
+
 def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr: float, batch: int, n: int,
-                   minibatches: int, response_length: int, run_dir: str) -> list[str]:
-    """verl overrides for a CPU run. Each CPU-specific line answers a failure found on a 2-core, GPU-less box."""
+                   minibatches: int, response_length: int, run_dir: str, engine: str = "fsdp") -> list[str]:
+    """verl overrides for a CPU run. Each CPU-specific line answers a failure found on a 2-core, GPU-less box.
+    Hydra's ``--config-name`` (Megatron) comes first in the list."""
     A, R = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
     if batch % minibatches:
         raise ValueError(f"--batch {batch} must be a multiple of --minibatches {minibatches}")
@@ -47,17 +78,15 @@ def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr
     mini = batch // minibatches
     loss_args = (["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"] if loss == "vanilla"
                  else [f"actor.policy_loss={loss}"] + ([f"actor.policy_loss.num_topk={k}"] if "topk" in loss else []))
-    return loss_args + [
+    flags, engine_args = engine_overrides(engine, mini_samples=mini * n)
+    return flags + loss_args + engine_args + [
         "algorithm.adv_estimator=grpo", "algorithm.use_kl_in_reward=False",
         f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
         f"data.train_batch_size={batch}", "data.max_prompt_length=32", f"data.max_response_length={response_length}",
         "data.dataloader_num_workers=0", f"data.seed={seed}",
         f"actor_rollout_ref.model.path={assets['model']}",
-        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",  # no flash-attention on CPU
-        f"{A}.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",  # FSDP1 refuses CPU params
         f"{A}.use_kl_loss=False", f"{A}.entropy_coeff=0", f"{A}.optim.lr={lr}",
-        f"{A}.ppo_mini_batch_size={mini}", f"{A}.ppo_micro_batch_size_per_gpu={mini * n}", f"{A}.ppo_epochs=1",
-        f"{A}.use_torch_compile=False",
+        f"{A}.ppo_mini_batch_size={mini}", f"{A}.ppo_epochs=1",
         f"{R}.name=vllm", f"{R}.n={n}", f"{R}.temperature=1.0", f"{R}.tensor_model_parallel_size=1",
         f"{R}.log_prob_micro_batch_size_per_gpu={mini * n}", f"{R}.enforce_eager=True",
         f"+{R}.enable_sleep_mode=False", f"{R}.free_cache_engine=False",  # vLLM's sleep mode needs CUDA
@@ -67,8 +96,7 @@ def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr
         "ray_kwargs.ray_init.num_cpus=16",  # Ray actors ask for logical CPUs, not cores
         # One TransferQueue storage actor, not 8: each is a process importing torch (~1 min of start-up on 2 cores)
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
-        "+ray_kwargs.ray_init.num_gpus=1",  # verl's resource check counts "GPU"s; the cpu platform maps to it
-        "trainer.n_gpus_per_node=1", "trainer.nnodes=1", f"trainer.total_training_steps={steps}",
+        "trainer.nnodes=1", f"trainer.total_training_steps={steps}",
         "trainer.total_epochs=1000", "trainer.logger=[console,file]", "trainer.val_before_train=False",
         "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.project_name=dppo_demo",
         f"trainer.default_local_dir={os.path.join(run_dir, 'checkpoints')}",
@@ -125,7 +153,7 @@ def _kill(proc: subprocess.Popen) -> None:
 def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: int = 50, seed: int = 0, lr: float = 5e-4,
              batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int = 12, run_name: str | None = None,
              runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500,
-             extra_overrides: tuple[str, ...] = (), extra_env: dict | None = None) -> dict:
+             extra_overrides: tuple[str, ...] = (), extra_env: dict | None = None, engine: str = "fsdp") -> dict:
     """One training run; returns the summary (also written to ``runs/<run>/summary.json``).
 
     ``extra_overrides`` go after the demo's own (the later value wins in Hydra), ``extra_env`` into the trainer's
@@ -135,14 +163,17 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
         raise ValueError(f"LOSS={loss!r} is not one of {', '.join(LOSSES)}")
     t0 = time.time()
     assets = build_all(os.path.join(ROOT, cache_dir) if not os.path.isabs(cache_dir) else cache_dir, seed=seed)
-    name = run_name or f"{loss}-s{steps}-seed{seed}"
+    if engine not in ENGINES:
+        raise ValueError(f"ENGINE={engine!r} is not one of {', '.join(ENGINES)}")
+    name = run_name or f"{loss}{'' if engine == 'fsdp' else '-' + engine}-s{steps}-seed{seed}"
     run_dir = os.path.join(ROOT, runs_dir, name) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, name)
     os.makedirs(run_dir, exist_ok=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
     overrides = demo_overrides(assets, loss=loss, k=k, steps=steps, seed=seed, lr=lr, batch=batch, n=n,
-                               minibatches=minibatches, response_length=response_length, run_dir=run_dir)
+                               minibatches=minibatches, response_length=response_length, run_dir=run_dir,
+                               engine=engine)
     overrides += list(extra_overrides)
     cmd = [sys.executable, "-m", "dppo_verl.train", *overrides, f"trainer.experiment_name={name}"]
     with open(os.path.join(run_dir, "command.txt"), "w") as f:
@@ -151,8 +182,9 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
     # local workers inherit this environment.
     env = {**os.environ, ENV_PLATFORM: CPU_PLATFORM, "VERL_FILE_LOGGER_PATH": metrics, "VLLM_CPU_KVCACHE_SPACE": "1",
            "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
-    print(f"[demo] {loss}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
-    print(f"[demo] starting verl (Ray, vLLM CPU server, FSDP actor): the first step takes ~1 min; "
+    actor = "FSDP actor" if engine == "fsdp" else f"Megatron actor, TP={MEGATRON_TP}"
+    print(f"[demo] {loss}, {actor}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
+    print(f"[demo] starting verl (Ray, vLLM CPU server, {actor}): the first step takes ~1 min; "
           f"full log: {os.path.join(run_dir, 'train.log')}", flush=True)
     proc = _launch(cmd, env, os.path.join(run_dir, "train.log"))
     stop, peak = threading.Event(), [0]
@@ -201,14 +233,18 @@ def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s) -> dict:
     return summary
 
 
-def compare(losses: list[str], **kwargs) -> str:
-    """Run each loss with the same seed and data, then draw them on one plot (``runs/compare-....png``)."""
+def compare(losses: list[str], engines: tuple[str, ...] = ("fsdp",), **kwargs) -> str:
+    """Run every loss x engine with the same seed and data, then draw them on one plot (``runs/compare-....png``);
+    e.g. ``--losses dppo_tv_topk --engines fsdp megatron`` puts the two actor engines side by side."""
     runs = {}
-    for loss in losses:
-        summary = run_demo(loss=loss, **kwargs)
-        runs[loss] = os.path.join(os.path.dirname(summary["plot"]), "metrics.jsonl")
+    for engine in engines:
+        for loss in losses:
+            summary = run_demo(loss=loss, engine=engine, **kwargs)
+            label = loss if len(engines) == 1 else f"{loss} ({engine})"
+            runs[label] = os.path.join(os.path.dirname(summary["plot"]), "metrics.jsonl")
     runs_dir = kwargs.get("runs_dir", "runs")
-    out = os.path.join(ROOT, runs_dir, f"compare-{'-'.join(losses)}.png")
+    tag = "-".join(losses) + ("" if tuple(engines) == ("fsdp",) else "-" + "-".join(engines))
+    out = os.path.join(ROOT, runs_dir, f"compare-{tag}.png")
     report.plot_compare(runs, out, title=f"same seed, {kwargs.get('steps', 50)} steps")
     print(f"[demo] comparison plot: {out}", flush=True)
     return out
@@ -226,6 +262,8 @@ def main(argv=None) -> None:
     ap.add_argument("--minibatches", type=int, default=4, help="optimizer steps per rollout batch")
     ap.add_argument("--batch", type=int, default=16, help="prompts per step")
     ap.add_argument("--n", type=int, default=4, help="samples per prompt (GRPO group)")
+    ap.add_argument("--engine", default="fsdp", choices=ENGINES, help="the actor's verl engine (megatron: TP=2)")
+    ap.add_argument("--engines", nargs="+", default=None, choices=ENGINES, help="compare: engines to run (default: --engine)")
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--timeout", type=float, default=1500, help="hard limit for the whole run, seconds")
@@ -234,9 +272,9 @@ def main(argv=None) -> None:
                   runs_dir=a.runs_dir,
                   timeout_s=a.timeout)
     if a.command == "compare":
-        compare(a.losses, **common)
+        compare(a.losses, engines=tuple(a.engines or [a.engine]), **common)
     else:
-        run_demo(loss=a.loss, run_name=a.run_name, **common)
+        run_demo(loss=a.loss, run_name=a.run_name, engine=a.engine, **common)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import types
 
+from ...contract import CPU_PLATFORM, ENV_PLATFORM
 from ..patching import patch_attr, patch_on_import, when_imported
-from .cpu_platform import cpu_platform_requested
 
 __all__ = ["CUDA_MODULES", "apply_cpu_megatron", "cpu_megatron_overrides"]
 
@@ -247,7 +248,7 @@ def _apply_all(_engine_module=None) -> None:
 def apply_cpu_megatron() -> bool:
     """When the CPU platform was asked for: apply everything above once verl's Megatron engine module is imported.
     Returns whether it was asked for."""
-    if not cpu_platform_requested():
+    if os.environ.get(ENV_PLATFORM, "").strip().lower() != CPU_PLATFORM:  # cpu_platform_requested(), verl-free
         return False
     when_imported(ENGINE_MODULE, _apply_all)
     return True
