@@ -40,6 +40,8 @@ def test_demo_two_steps_topk(tmp_path, engine, minibatches):
         bad = {k: v for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)}
         assert not bad, bad
         assert 1 < data[report.SUPPORT] <= 21  # Top-K support: K ranks + the sampled token when outside
+        # the pi_old pass is skipped (V1 bypass, set by the launcher): no actor forward, so no entropy from it
+        assert data["timing_s/old_log_prob"] < 0.05 and "actor/entropy" not in data, data.get("timing_s/old_log_prob")
         assert data[report.DIVERGENCE] >= 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps_logged"] == 2 and summary["exit_code"] == 0

@@ -105,3 +105,16 @@ def test_sglang_original_logprob_env_with_temperature(capsys, monkeypatch):
     monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
     assert main(args) == 2 and "SGLANG_RETURN_ORIGINAL_LOGPROB" in capsys.readouterr().err
     assert main(args[:2] + ["--dry-run"]) == 0  # temperature 1: raw and processed log-probs agree
+
+
+@pytest.mark.parametrize("extra,bypass", [
+    ([], "true"),  # anchored on the rollout: verl's pi_old pass is skipped (V1 bypass: old_log_probs := mu)
+    (["actor.policy_loss.anchor=old"], "false"),  # reads pi_old: keep the pass
+    (["trainer.use_v1=False"], "false"),  # the legacy trainer's bypass would replace the loss
+    (["algorithm.rollout_correction.bypass_mode=False"], "false"),  # the user's opt-out wins
+])
+def test_pi_old_pass_skipped_only_when_nothing_reads_it(capsys, extra, bypass):
+    assert main(["actor.policy_loss=dppo_tv_binary", *extra, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"    bypass_mode: {bypass}" in out
+    assert ("algorithm.rollout_correction.bypass_mode=True" in out.split("dry run")[0]) == (bypass == "true")

@@ -159,6 +159,26 @@ def _cpu_requested(overrides: Sequence[str]) -> list[str]:
     return [f"+{RAY_ENV_VARS}.{ENV_PLATFORM}={CPU_PLATFORM}"]
 
 
+BYPASS = "algorithm.rollout_correction.bypass_mode"
+
+
+def _skip_pi_old(cfg, explicit: set) -> list[str]:
+    """A DPPO mode anchored on the rollout never reads verl's recomputed pi_old: skip that forward pass over the batch
+    with verl's own V1 bypass (``old_log_probs := rollout_log_probs``). Not for ``anchor=old`` (it reads pi_old), not
+    for the legacy trainer (its bypass replaces the loss), and never over the user's own value (the opt-out:
+    ``algorithm.rollout_correction.bypass_mode=False``)."""
+    from omegaconf import OmegaConf
+
+    from ..knobs import parse_loss_mode, resolve_knobs
+
+    mode = OmegaConf.select(cfg, LOSS_MODE)
+    if parse_loss_mode(mode) is None or BYPASS in explicit or OmegaConf.select(cfg, "trainer.use_v1") is False:
+        return []
+    if resolve_knobs(mode, OmegaConf.select(cfg, POLICY_LOSS)).anchor != "rollout":
+        return []
+    return [f"{BYPASS}=True"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, flags, dry_run = _hydra_args(argv)
@@ -179,9 +199,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     explicit = {_split(a)[1] for a in expanded}
     cpu = [a for a in cpu if _split(a)[1] not in explicit]
     expanded, notes = expanded + cpu, notes + cpu
+    cfg = compose_config(expanded, config_name=name, config_dir=cdir)
+    skip = _skip_pi_old(cfg, explicit)
+    if skip:
+        expanded, notes = expanded + skip, notes + skip
+        cfg = compose_config(expanded, config_name=name, config_dir=cdir)
     if notes:
         print("dppo-verl-train: expanded the DPPO shorthand into:\n  " + "\n  ".join(notes), flush=True)
-    cfg = compose_config(expanded, config_name=name, config_dir=cdir)
     try:
         check_config(cfg)
     except ValueError as e:
