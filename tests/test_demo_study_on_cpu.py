@@ -109,3 +109,24 @@ def test_summarize_and_rolling_mean(tmp_path):
     assert s["probs_diff_mean"] == 0.0055 and s["probs_diff_max_step"] == 0.01
     assert s["masked_or_clipped_frac_mean"] == 0.02
     assert report.rolling_mean([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+
+
+def test_run_study_reports_to_the_end(tmp_path, monkeypatch, capsys):
+    """run_study's own reporting (figure, summary.json, per-arm lines) runs to the end and returns; the training
+    runs are stood in for by metrics files (what run_demo leaves), so this takes seconds."""
+    def fake_run_demo(*, loss, run_name, runs_dir, **kw):
+        run_dir = os.path.join(runs_dir, run_name)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            for step in range(1, 7):
+                f.write(json.dumps({"step": step, "data": {report.REWARD: 0.1 * step, report.CLIPFRAC: 0.05,
+                                                           report.PROBS_DIFF: 0.003}}) + "\n")
+        return {"plot": os.path.join(run_dir, f"{run_name}.png"), "wall_s": 1.0}
+
+    monkeypatch.setattr(study, "run_demo", fake_run_demo)
+    monkeypatch.setattr(study, "_ray_stop", lambda: None)
+    summary = study.run_study(["pg_is", "grpo_clip"], steps=6, noise=0.0, runs_dir=str(tmp_path))
+    out = tmp_path / "study-noise0-s6-seed0"
+    assert (out / "study.png").stat().st_size > 10_000 and json.loads((out / "summary.json").read_text())["steps"] == 6
+    assert summary["arms"]["pg_is"]["reward_last5"] == pytest.approx(0.4)  # mean of steps 2..6 = 0.2..0.6
+    assert "figure " + str(out / "study.png") in capsys.readouterr().out

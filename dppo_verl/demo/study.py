@@ -44,7 +44,10 @@ ARMS = {  # name -> (legend label, loss, extra overrides)
 }
 # Every arm loads the perturbation module in every verl process (quoted: Hydra would read the comma as a sweep);
 # it does nothing unless DPPO_ROLLOUT_WEIGHT_NOISE > 0.
-COMMON = ("+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES='dppo_verl.plugin,dppo_verl.demo.perturb'",)
+# verl's pi_old pass stays on in every arm (dppo-verl-train would skip it for the DPPO arms): the study compares the
+# arms on verl's own |pi_old - mu| (``training/rollout_probs_diff_mean``), measured the same way for all of them.
+COMMON = ("+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES='dppo_verl.plugin,dppo_verl.demo.perturb'",
+          "algorithm.rollout_correction.bypass_mode=False")
 
 
 def arm_settings(arm: str) -> tuple[str, str, tuple[str, ...]]:
@@ -63,7 +66,7 @@ def summarize(metrics_jsonl: str) -> dict:
         found = report._series(records, keys)
         return found[2] if found else []
 
-    reward, diff, active = col(report.REWARD), col(report.PROBS_DIFF), col(report.MASKED, report.CLIPFRAC)
+    reward, diff, active = col(report.REWARD), col(report.PROBS_DIFF, report.MISMATCH), col(report.MASKED, report.CLIPFRAC)
     mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
     return {"steps": len(records), "reward_first5": mean(reward[:5]), "reward_last5": mean(reward[-5:]),
             "reward_max": round(max(reward), 4) if reward else None,
@@ -119,7 +122,7 @@ def run_study(arms: list[str], *, steps: int, noise: float, seed: int = 0, runs_
     summary["plot"] = plot_study(summary, paths, os.path.join(out_dir, "study.png"), smooth)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"[study] {len(arms)} arms in {summary['wall_s'] / 60:.1f} min; figure {png}", flush=True)
+    print(f"[study] {len(arms)} arms in {summary['wall_s'] / 60:.1f} min; figure {summary['plot']}", flush=True)
     for arm, s in summary["arms"].items():
         print(f"[study] {arm:12s} reward {s['reward_first5']} -> {s['reward_last5']} | mean |pi-mu| "
               f"{s['probs_diff_mean']} | masked/clipped {s['masked_or_clipped_frac_mean']}", flush=True)
