@@ -54,6 +54,7 @@ def _apply_integrations() -> None:
     from .integrations.platform.cpu_platform import apply_cpu_support
     from .integrations.platform.vllm_cpu import apply_vllm_cpu_visibility
     from .integrations.rollout.agent_loop import apply_agent_loop_output_patch, apply_legacy_agent_loop_patch
+    from .integrations.rollout.async_client import apply_async_client_topk
     from .integrations.rollout.sglang_server import apply_sglang_server_topk
     from .integrations.rollout.vllm_server import apply_vllm_server_topk
 
@@ -63,6 +64,7 @@ def _apply_integrations() -> None:
     apply_fused_logprob_handoff()  # inert unless policy_loss.fused_logprobs=True
     apply_agent_loop_output_patch()
     apply_legacy_agent_loop_patch()
+    apply_async_client_topk()  # the V1 async trainers' resume loop keeps every attempt's top-K rows
     apply_vllm_server_topk()
     apply_sglang_server_topk()
     apply_driver_validation()
