@@ -1,5 +1,5 @@
-"""Single controller, verl surface ``verl.experimental.separation.ray_trainer.SeparateRayPPOTrainer._init_resource_pools``:
-the trainer rules for verl's experimental entry points, again at first use.
+"""Single controller, verl surface
+``verl.experimental.separation.ray_trainer.SeparateRayPPOTrainer._init_resource_pools``: the trainer rules for verl's experimental entry points, again at first use.
 
 ``fully_async_main`` and ``one_step_off_policy.main_ppo`` call verl's ``run_ppo``, so the driver hook
 (:mod:`.ray_runtime_env`) refuses a DPPO config they cannot run before Ray starts. ``run_ppo`` skips that hook when
