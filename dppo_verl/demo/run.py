@@ -223,22 +223,24 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
         stop.set()
         reader.join(timeout=10)
         mem.join(timeout=5)
-    return _finish(run_dir, name, loss, steps, rc, t0, peak[0], timeout_s)
+    return _finish(run_dir, name, loss, steps, rc, t0, peak[0], timeout_s, trainer)
 
 
-def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s) -> dict:
+def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="sync") -> dict:
     records = [r for r in report.read_records(os.path.join(run_dir, "metrics.jsonl"))
                if report.REWARD in r["data"]]
     rewards = [r["data"][report.REWARD] for r in records]
+    stale = [r["data"][report.STALENESS] for r in records if report.STALENESS in r["data"]]
     png = os.path.join(run_dir, f"{name}.png")
     if records:
         report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on the CPU demo")
-    summary = {"run": name, "loss": loss, "steps_requested": steps, "steps_logged": len(records),
+    summary = {"run": name, "loss": loss, "trainer": trainer, "steps_requested": steps, "steps_logged": len(records),
                "exit_code": rc, "timed_out": rc is None, "wall_s": round(time.time() - t0, 1),
                "peak_pss_gb": round(peak_bytes / 2**30, 2), "reward_first": rewards[0] if rewards else None,
                "reward_last": rewards[-1] if rewards else None,
                "reward_first5_mean": sum(rewards[:5]) / len(rewards[:5]) if rewards else None,
                "reward_last5_mean": sum(rewards[-5:]) / len(rewards[-5:]) if rewards else None,
+               "staleness_max": max(stale) if stale else None,  # async trainers: verl's trajectory staleness
                "plot": png if records else None}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
