@@ -233,7 +233,8 @@ def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="
     stale = [r["data"][report.STALENESS] for r in records if report.STALENESS in r["data"]]
     png = os.path.join(run_dir, f"{name}.png")
     if records:
-        report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on the CPU demo")
+        where = "the CPU demo" + ("" if trainer == "sync" else f", verl's {trainer} trainer")
+        report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on {where}")
     summary = {"run": name, "loss": loss, "trainer": trainer, "steps_requested": steps, "steps_logged": len(records),
                "exit_code": rc, "timed_out": rc is None, "wall_s": round(time.time() - t0, 1),
                "peak_pss_gb": round(peak_bytes / 2**30, 2), "reward_first": rewards[0] if rewards else None,
