@@ -1,7 +1,8 @@
 # make demo : build .venv if missing or stale, then train a tiny model with verl's real PPO trainer on this CPU
 #             (vLLM CPU rollouts with top-K logprobs, FSDP actor, DPPO loss); leaves runs/<run>/{metrics.jsonl,*.png}.
 #             Knobs: STEPS, LOSS (dppo_tv_topk|dppo_kl_topk|dppo_tv_binary|dppo_kl_binary|vanilla), K, SEED, LR,
-#             ENGINE (fsdp | megatron: verl's Megatron engine, tensor parallel 2 over gloo).
+#             ENGINE (fsdp | megatron: verl's Megatron engine, tensor parallel 2 over gloo),
+#             TRAINER (sync | colocate_async: verl's V1 async trainer, rollouts one policy version stale).
 # make compare : LOSSES (default "dppo_tv_topk vanilla") x ENGINES (default ENGINE) on the same seed, one plot.
 # make study : the paper's sanity test in miniature (~25 min on 2 cores): PG + IS without a trust region, GRPO ratio
 #              clipping, DPPO binary and Top-K on the same seed; NOISE=sigma adds rollout weight noise (0: natural gap).
@@ -21,12 +22,13 @@ LOSS   ?= dppo_tv_topk
 LOSSES ?= dppo_tv_topk vanilla
 ENGINE ?= fsdp
 ENGINES ?= $(ENGINE)
+TRAINER ?= sync
 K      ?= 20
 SEED   ?= 0
 LR     ?= 5e-4
 STUDY_STEPS ?= 24
 NOISE  ?= 0
-DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR) --engine $(ENGINE)
+DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR) --engine $(ENGINE) --trainer $(TRAINER)
 
 .PHONY: venv demo compare study rehearse test bench clean-venv
 

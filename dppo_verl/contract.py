@@ -22,7 +22,8 @@ TOPK_KEYS = (ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS)
 OUT_DIVERGENCE = "dppo_divergence"  # [N] D_t of the Top-K estimator
 OUT_SUPPORT_SIZE = "dppo_support_size"  # [N] valid support slots, 1..K + 1
 OUT_DDOT = "dppo_ddot"  # [N] D-dot_t, direction=predictive only
-TOKEN_OUTPUT_KEYS = (OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_DDOT)
+OUT_TOPK_VALID = "dppo_topk_valid"  # [N] top-K row status: 1 valid, 0 missing, -1 log-prob != rollout_log_probs
+TOKEN_OUTPUT_KEYS = (OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_DDOT, OUT_TOPK_VALID)
 
 # --- config paths (verl's Hydra tree) ------------------------------------------------------------------------
 ACTOR = "actor_rollout_ref.actor"

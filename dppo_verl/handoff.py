@@ -8,7 +8,7 @@ the FSDP logits hook can only return per-token scalars. So the actor integration
 
 All tensors are per response token, ``[B, T]`` in the padded layout the policy loss receives.
 Batch / model-output keys (contract names): ``rollout_log_probs``, ``dppo_divergence``,
-``dppo_support_size``, ``dppo_ddot``.
+``dppo_support_size``, ``dppo_ddot``, ``dppo_topk_valid``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -31,6 +31,9 @@ class HandOff:
     divergence: Optional[torch.Tensor] = None  # [B, T] dppo_divergence (Top-K modes)
     support_size: Optional[torch.Tensor] = None  # [B, T] dppo_support_size (valid slots, 1..K+1)
     ddot: Optional[torch.Tensor] = None  # [B, T] dppo_ddot (direction=predictive)
+    topk_valid: Optional[torch.Tensor] = None  # [B, T] dppo_topk_valid (Top-K row status codes, ops.consistency)
+    # (b, t) -> the token's rollout data in words, for error messages (reads the micro-batch; error path only)
+    describe_token: Optional[Callable[[int, int], str]] = None
 
 
 _CURRENT: ContextVar[Optional[HandOff]] = ContextVar("dppo_verl_handoff", default=None)

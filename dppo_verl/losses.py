@@ -27,12 +27,13 @@ import torch
 
 from .knobs import DPPOKnobs, resolve_knobs
 from .contract import (
-    CALCULATE_LOG_PROBS, EXTERNAL_LIB, METRIC_PREFIX, OUT_DDOT, OUT_DIVERGENCE, PLUGIN_MODULE, ROLLOUT_LOG_PROBS,
-    ROLLOUT_NUM_TOPK, TOPK_KEYS,
+    CALCULATE_LOG_PROBS, EXTERNAL_LIB, METRIC_PREFIX, OUT_DDOT, OUT_DIVERGENCE, OUT_TOPK_VALID, PLUGIN_MODULE,
+    ROLLOUT_LOG_PROBS, ROLLOUT_NUM_TOPK, TOPK_KEYS,
 )
 from .handoff import HandOff, current_handoff
 from .integrations.patching import raise_if_drifted
 from .ops.checks import check_finite_logprobs, check_shape
+from .ops.consistency import VALID, describe_status
 from .ops.divergence import DivergenceSpec, add_registration_listener, divergence_names, get_divergence
 from .ops.mask import sequence_keep
 from .ops.shapes import LossShape, TokenView, add_shape_listener, get_loss_shape, loss_shape_names
@@ -65,8 +66,9 @@ def _max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float) -> dict[str, float]:
     """``t``: ``keep``, ``weight``, ``divergence``, ``log_prob``, ``mu``, ``log_ratio``, ``advantages``,
-    ``support_size``, ``push`` (None unless predictive) ``[B, T]`` and ``seq_keep`` ``[B]`` (all True when the TRM
-    veto is off)."""
+    ``support_size``, ``push`` (None unless predictive), ``topk_valid`` (None for binary modes) ``[B, T]`` and
+    ``seq_keep`` ``[B]`` (all True when the TRM veto is off). Raises when a response token's top-K row is invalid:
+    the count rides in the same single device read as the metrics."""
     dropped, adv = ~t["keep"], t["advantages"]
     ratio = torch.exp(t["log_ratio"].clamp(max=20.0))  # clamp as verl does: the metric stays finite
     has_tokens = mask.any(-1)  # [B]
@@ -87,14 +89,36 @@ def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float) -> dict
     }
     if t.get("push") is not None:  # direction=predictive: where its direction disagrees with Eq. 12's pi - mu
         m["direction_flip_frac"] = _mean(torch.sign(t["push"].float()) != torch.sign(t["log_ratio"]), mask)
-    values = torch.stack(list(m.values())).tolist()  # one device sync for all metrics
+    if t.get("topk_valid") is not None:  # Top-K modes: each token's row checked by the hook (ops.consistency)
+        valid = t["topk_valid"] == VALID
+        invalid = (mask & ~valid).sum().float()
+        m["topk_valid_frac"] = 1.0 - invalid / mask.sum().clamp(min=1)  # 1 on an empty micro-batch: nothing invalid
+        m["topk_invalid_count"] = invalid
+    values = torch.stack(list(m.values())).tolist()  # one device sync for all metrics (and the top-K check)
     m = dict(zip(m, values))
+    if m.pop("topk_invalid_count", 0.0):
+        _raise_invalid_topk(t, mask)
     ppo_kl = m.pop("ppo_kl")
     out = {METRIC_PREFIX + k: v for k, v in m.items()}
     # verl's usual names, so existing dashboards keep working.
     out["actor/pg_clipfrac"] = m["masked_frac"]
     out["actor/ppo_kl"] = ppo_kl
     return out
+
+
+def _raise_invalid_topk(t: dict, mask: torch.Tensor) -> None:
+    """Error path of the top-K check: name the first bad token, its status and values (reads freely: it raises)."""
+    bad = mask & (t["topk_valid"] != VALID)
+    b, i = bad.nonzero()[0].tolist()
+    code, n = float(t["topk_valid"][b, i]), int(bad.sum())
+    describe = t.get("describe_token")
+    where = (describe(b, i) if describe is not None else
+             f"sample {b} of this micro-batch, response token {i} ({ROLLOUT_LOG_PROBS}={float(t['mu'][b, i]):.9g})")
+    raise ValueError(
+        f"rollout top-K ({OUT_TOPK_VALID}): {n} response token(s) with response_mask 1 have an invalid top-K row. "
+        f"The first, {where}: it {describe_status(code)}. The top-K rows do not belong to their tokens: the rollout "
+        f"top-K ({list(TOPK_KEYS)}) and {ROLLOUT_LOG_PROBS} went through different paths (an async resume, a "
+        "multi-turn agent loop, a batch reordering)")
 
 
 def compute_dppo_loss(
@@ -110,8 +134,12 @@ def compute_dppo_loss(
     rollout_is_weights: Optional[torch.Tensor] = None,
     push: Optional[torch.Tensor] = None,
     support_size: Optional[torch.Tensor] = None,
+    topk_valid: Optional[torch.Tensor] = None,
+    describe_token=None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss (module docstring) and metrics from per-token tensors ``[B, T]`` (``divergence`` already computed)."""
+    """Loss (module docstring) and metrics from per-token tensors ``[B, T]`` (``divergence`` already computed).
+    ``topk_valid``: the Top-K hook's row status codes (``dppo_topk_valid``); any invalid response token raises,
+    named through ``describe_token(b, t)`` when given."""
     from verl.trainer.ppo.core_algos import agg_loss
 
     mask = response_mask.bool()
@@ -136,7 +164,8 @@ def compute_dppo_loss(
         loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **(global_batch_info or {})
     )
     parts = dict(keep=shaped.keep, weight=weight, divergence=divergence, log_prob=lp, mu=mu, log_ratio=log_ratio,
-                 advantages=advantages, seq_keep=seq_keep, push=push,
+                 advantages=advantages, seq_keep=seq_keep, push=push, topk_valid=topk_valid,
+                 describe_token=describe_token,
                  support_size=torch.ones_like(mu) if support_size is None else support_size)
     return pg_loss, _metrics(parts, mask, knobs.truncation_cap)
 
@@ -171,7 +200,11 @@ def _topk_inputs(handoff: Optional[HandOff], knobs: DPPOKnobs, mode: str, shape)
             )
         push = handoff.ddot
         check_shape(OUT_DDOT, push, list(shape))
-    return div, push, handoff.support_size
+    if handoff.topk_valid is None:
+        raise ValueError(f"{mode}: the Top-K row check ('{OUT_TOPK_VALID}') from the dppo_verl actor integration's "
+                         "logits hook did not reach the loss")
+    check_shape(OUT_TOPK_VALID, handoff.topk_valid, list(shape))
+    return div, push, handoff.support_size, handoff.topk_valid
 
 
 def _policy_loss(
@@ -205,11 +238,11 @@ def _policy_loss(
         raise ValueError(f"{loss_mode} already weights every token by min(pi/mu, C); verl's rollout correction "
                          "weights would apply on top: set algorithm.rollout_correction.rollout_is=null")
     if knobs.estimator == "topk":
-        divergence, push, support_size = _topk_inputs(handoff, knobs, loss_mode, shape)
+        divergence, push, support_size, topk_valid = _topk_inputs(handoff, knobs, loss_mode, shape)
     else:
         with torch.no_grad():  # binary: support {a_t}, rest = everything else (Eqs. 13/14)
             divergence = get_divergence(knobs.divergence).fn(log_prob.detach().unsqueeze(-1), mu.unsqueeze(-1))
-        push, support_size = None, None
+        push, support_size, topk_valid = None, None, None
     return compute_dppo_loss(
         log_prob,
         mu,
@@ -222,6 +255,8 @@ def _policy_loss(
         rollout_is_weights=rollout_is_weights,
         push=push,
         support_size=support_size,
+        topk_valid=topk_valid,
+        describe_token=None if handoff is None else handoff.describe_token,
     )
 
 

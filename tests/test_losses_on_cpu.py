@@ -83,7 +83,8 @@ def test_topk_reads_divergence_and_metrics():
     pl = DPPOPolicyLossConfig(loss_mode="dppo_kl_topk", delta_low=0.3, delta_high=0.6)
     cfg = make_actor_config(pl)
     logp = logp64.detach().float()
-    with handoff_scope(HandOff(rollout_log_probs=mu.float(), divergence=div, support_size=size)):
+    with handoff_scope(HandOff(rollout_log_probs=mu.float(), divergence=div, support_size=size,
+                               topk_valid=torch.ones(B, T))):
         loss, m = _get("dppo_kl_topk")(torch.zeros(B, T), logp, adv.float(), mask, "token-mean", cfg)
     keep = torch.tensor([[ref.dppo_keep_mask(float(div[b, t]), math.exp(logp[b, t]), math.exp(mu[b, t]), float(adv[b, t]), 0.3, 0.6)
                           for t in range(T)] for b in range(B)])
@@ -96,6 +97,7 @@ def test_topk_reads_divergence_and_metrics():
     assert m["actor/dppo/divergence_max"] == pytest.approx(float(div[mask].max()))
     assert m["actor/dppo/divergence_mean"] == pytest.approx(float(div[mask].mean()), rel=1e-6)
     assert m["actor/dppo/support_size"] == pytest.approx(float(size[mask].mean()), rel=1e-6)
+    assert m["actor/dppo/topk_valid_frac"] == 1.0
     assert m["actor/dppo/mismatch_abs_mean"] == pytest.approx(float((logp.exp() - mu.float().exp()).abs()[mask].mean()), rel=1e-5)
     r = (logp.double() - mu).exp()
     assert m["actor/dppo/ratio_max"] == pytest.approx(float(r[mask].max()), rel=1e-5)
@@ -145,18 +147,19 @@ def test_all_masked_and_empty_microbatch():
     mu = torch.full((B, T), -1.0)
     adv = torch.ones(B, T)
     # all masked: pi > mu, A > 0, D above threshold everywhere
-    with handoff_scope(HandOff(rollout_log_probs=mu, divergence=torch.full((B, T), 0.5))):
+    with handoff_scope(HandOff(rollout_log_probs=mu, divergence=torch.full((B, T), 0.5), topk_valid=torch.ones(B, T))):
         loss, m = _get("dppo_tv_topk")(mu, logp, adv, torch.ones(B, T, dtype=torch.bool), "token-mean", cfg)
     loss.backward()
     assert loss.item() == 0.0 and m["actor/dppo/masked_frac"] == 1.0 and bool((logp.grad == 0).all())
     # empty micro-batch (no response tokens) inside a non-empty global batch: zero loss, finite metrics
     logp.grad = None
     pad = torch.full((B, T), float("nan"))  # padding content must never leak
-    with handoff_scope(HandOff(rollout_log_probs=pad, divergence=pad)):
+    with handoff_scope(HandOff(rollout_log_probs=pad, divergence=pad, topk_valid=pad)):
         loss, m = _get("dppo_tv_topk")(pad, logp, adv, torch.zeros(B, T, dtype=torch.bool), "token-mean", cfg)
     loss.backward()
     assert loss.item() == 0.0 and bool((logp.grad == 0).all())
     assert all(math.isfinite(v) for v in m.values())
+    assert m["actor/dppo/topk_valid_frac"] == 1.0  # no response token, none invalid
 
 
 def test_missing_mu_is_an_error_naming_the_key():

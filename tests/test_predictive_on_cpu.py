@@ -186,7 +186,7 @@ def test_hook_returns_ddot_matching_reference(name):
     logits = truth["pi_logits"].float()
     cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode=f"dppo_{name}_topk", num_topk=HK, direction="predictive"))
     out = _ppo_loss()(cfg, student_logits=logits.unsqueeze(0), data=data)
-    assert set(out) == {"dppo_divergence", "dppo_support_size", "dppo_ddot"}
+    assert set(out) == {"dppo_divergence", "dppo_support_size", "dppo_ddot", "dppo_topk_valid"}
     ids, lps = data["rollout_topk_ids"].values(), data["rollout_topk_logprobs"].values()
     resp, mu_s, rmask = data["responses"].values(), data["rollout_log_probs"].values(), data["response_mask"].values()
     j = 0
@@ -248,7 +248,8 @@ def test_predictive_and_sampled_tests_disagree(adv):
             assert float(ddot[0, 0]) == pytest.approx(-0.185, abs=2e-3)
         lp = logits[None, None, 0].clone().requires_grad_(True)
         handoff = HandOff(rollout_log_probs=mu_full[None, None, 0].float(), divergence=out["dppo_divergence"][:, :1],
-                          support_size=out["dppo_support_size"][:, :1], ddot=None if ddot is None else ddot[:, :1])
+                          support_size=out["dppo_support_size"][:, :1], ddot=None if ddot is None else ddot[:, :1],
+                          topk_valid=out["dppo_topk_valid"][:, :1])
         assert float(handoff.divergence) == pytest.approx(0.54, abs=5e-3)
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
 

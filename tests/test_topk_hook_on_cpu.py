@@ -40,7 +40,7 @@ def test_hook_divergence_matches_reference(name, nested_layout, dtype):
     before = logits.clone()
     out = _ppo_loss()(cfg, student_logits=logits, data=data)
     assert torch.equal(logits, before)
-    assert set(out) == {"dppo_divergence", "dppo_support_size"}
+    assert set(out) == {"dppo_divergence", "dppo_support_size", "dppo_topk_valid"}
     n = logits.shape[1]
     assert out["dppo_divergence"].shape == (1, n) and out["dppo_support_size"].shape == (1, n)
     got = _response_rows(out["dppo_divergence"][0], data, truth)
@@ -48,6 +48,10 @@ def test_hook_divergence_matches_reference(name, nested_layout, dtype):
     size = _response_rows(out["dppo_support_size"][0], data, truth)
     torch.testing.assert_close(size.float(), truth["support_size"])
     assert bool((size[truth["support_size"] > 0] > 1).all())  # Top-K, not binary
+    # every response row is its token's (1), every other row (prompt, mask-0 token, padding) reads "missing" (0)
+    valid = _response_rows(out["dppo_topk_valid"][0], data, truth)
+    torch.testing.assert_close(valid.float(), (truth["support_size"] > 0).float(), rtol=0, atol=0)
+    assert int((out["dppo_topk_valid"][0] != 0).sum()) == int((truth["support_size"] > 0).sum())
 
 
 def test_hook_output_reaches_the_loss():
@@ -73,6 +77,7 @@ def test_hook_output_reaches_the_loss():
     assert metrics["actor/dppo/divergence_mean"].aggregate() == pytest.approx(float(truth["div"]["tv"][mask].mean()), abs=ATOL)
     assert metrics["actor/dppo/divergence_max"].aggregate() == pytest.approx(float(truth["div"]["tv"][mask].max()), abs=ATOL)
     assert metrics["actor/dppo/support_size"].aggregate() == pytest.approx(float(truth["support_size"][mask].mean()))
+    assert metrics["actor/dppo/topk_valid_frac"].aggregate() == 1.0
     assert 0 < metrics["actor/dppo/masked_frac"].aggregate() < 1
     assert torch.isfinite(loss)
 

@@ -23,6 +23,8 @@ CLIPFRAC = "actor/pg_clipfrac"  # verl's own name; DPPO sets it to masked_frac, 
 MASKED_POS, MASKED_NEG = "actor/dppo/masked_frac_pos", "actor/dppo/masked_frac_neg"
 DIVERGENCE = "actor/dppo/divergence_mean"
 SUPPORT = "actor/dppo/support_size"  # 1 for binary divergences, up to K + 1 for Top-K
+TOPK_VALID = "actor/dppo/topk_valid_frac"  # Top-K modes: fraction of response tokens with their own top-K row
+STALENESS = "training/off_policy/trajectory_staleness/max"  # verl, async trainers: policy versions behind, worst
 MISMATCH = "actor/dppo/mismatch_abs_mean"  # mean |pi - mu| of the sampled token, in the loss
 PROBS_DIFF = "training/rollout_probs_diff_mean"  # verl's mean |pi_old - mu| (any loss; calculate_log_probs)
 STEP_TIME = "timing_s/step"
@@ -114,6 +116,9 @@ def format_step(step: int, total: int, data: dict, sec_per_step: float | None) -
     parts = [f"step {step}/{total}", f"reward {_fmt(_number(data, REWARD), '.3f')}", f"masked {masked}",
              f"{d_name} {_fmt(_number(data, DIVERGENCE), '.4f')}",
              f"|pi-mu| {_fmt(_number(data, MISMATCH, PROBS_DIFF), '.4f')}"]
+    stale = _number(data, STALENESS)
+    if stale is not None:  # async trainers: how many policy versions behind the oldest trajectory was
+        parts.append(f"stale {stale:.0f}")
     val = _val_reward(data)
     if val is not None:
         parts.append(f"val {val:.3f}")

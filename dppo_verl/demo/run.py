@@ -11,7 +11,7 @@ from verl's ``file`` logger (:mod:`.report`) and leaves, under ``runs/<run>/``:
 * ``<run>.png`` - reward, masked fraction by advantage sign, mean divergence and mean |pi - mu| per step;
 * ``summary.json`` - wall time, peak memory (PSS) of the process tree, reward at the first and last step.
 
-  python -m dppo_verl.demo run --steps 50 --loss dppo_tv_topk --k 20 [--engine megatron]
+  python -m dppo_verl.demo run --steps 50 --loss dppo_tv_topk --k 20 [--engine megatron] [--trainer colocate_async]
   python -m dppo_verl.demo compare --losses dppo_tv_topk vanilla --steps 50
   python -m dppo_verl.demo compare --losses dppo_tv_topk --engines fsdp megatron
 """
@@ -39,6 +39,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 ENGINES = ("fsdp", "megatron")
 MEGATRON_TP = 2
+TRAINERS = ("sync", "colocate_async")
+WARMUP_BATCHES = 1  # colocate_async: batches generated ahead of training, so later batches come from older weights
+
+
+def trainer_overrides(trainer: str) -> list[str]:
+    """verl's V1 trainer mode. ``colocate_async`` prefetches ``WARMUP_BATCHES`` rollout batches: each step trains on
+    a batch generated under older weights (staleness >= 1, verl's ``training/off_policy/trajectory_staleness/*``),
+    and requests still running at a weight update are aborted and resumed under the new weights."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"TRAINER={trainer!r} is not one of {', '.join(TRAINERS)}")
+    if trainer == "sync":
+        return []
+    return [f"trainer.v1.trainer_mode={trainer}", f"trainer.v1.colocate_async.num_warmup_batches={WARMUP_BATCHES}"]
 
 
 def engine_overrides(engine: str, *, mini_samples: int) -> tuple[list[str], list[str]]:
@@ -67,7 +80,8 @@ def engine_overrides(engine: str, *, mini_samples: int) -> tuple[list[str], list
 
 
 def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr: float, batch: int, n: int,
-                   minibatches: int, response_length: int, run_dir: str, engine: str = "fsdp") -> list[str]:
+                   minibatches: int, response_length: int, run_dir: str, engine: str = "fsdp",
+                   trainer: str = "sync") -> list[str]:
     """verl overrides for a CPU run. Each CPU-specific line answers a failure found on a 2-core, GPU-less box.
     Hydra's ``--config-name`` (Megatron) comes first in the list."""
     A, R = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
@@ -79,7 +93,7 @@ def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr
     loss_args = (["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"] if loss == "vanilla"
                  else [f"actor.policy_loss={loss}"] + ([f"actor.policy_loss.num_topk={k}"] if "topk" in loss else []))
     flags, engine_args = engine_overrides(engine, mini_samples=mini * n)
-    return flags + loss_args + engine_args + [
+    return flags + loss_args + engine_args + trainer_overrides(trainer) + [
         "algorithm.adv_estimator=grpo", "algorithm.use_kl_in_reward=False",
         f"data.train_files={assets['train']}", f"data.val_files={assets['val']}",
         f"data.train_batch_size={batch}", "data.max_prompt_length=32", f"data.max_response_length={response_length}",
@@ -153,7 +167,8 @@ def _kill(proc: subprocess.Popen) -> None:
 def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: int = 50, seed: int = 0, lr: float = 5e-4,
              batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int = 12, run_name: str | None = None,
              runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500,
-             extra_overrides: tuple[str, ...] = (), extra_env: dict | None = None, engine: str = "fsdp") -> dict:
+             extra_overrides: tuple[str, ...] = (), extra_env: dict | None = None, engine: str = "fsdp",
+             trainer: str = "sync") -> dict:
     """One training run; returns the summary (also written to ``runs/<run>/summary.json``).
 
     ``extra_overrides`` go after the demo's own (the later value wins in Hydra), ``extra_env`` into the trainer's
@@ -165,7 +180,8 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
     assets = build_all(os.path.join(ROOT, cache_dir) if not os.path.isabs(cache_dir) else cache_dir, seed=seed)
     if engine not in ENGINES:
         raise ValueError(f"ENGINE={engine!r} is not one of {', '.join(ENGINES)}")
-    name = run_name or f"{loss}{'' if engine == 'fsdp' else '-' + engine}-s{steps}-seed{seed}"
+    tags = "".join(f"-{t}" for t, default in ((engine, "fsdp"), (trainer, "sync")) if t != default)
+    name = run_name or f"{loss}{tags}-s{steps}-seed{seed}"
     run_dir = os.path.join(ROOT, runs_dir, name) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, name)
     os.makedirs(run_dir, exist_ok=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -173,7 +189,7 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
         os.remove(metrics)
     overrides = demo_overrides(assets, loss=loss, k=k, steps=steps, seed=seed, lr=lr, batch=batch, n=n,
                                minibatches=minibatches, response_length=response_length, run_dir=run_dir,
-                               engine=engine)
+                               engine=engine, trainer=trainer)
     overrides += list(extra_overrides)
     cmd = [sys.executable, "-m", "dppo_verl.train", *overrides, f"trainer.experiment_name={name}"]
     with open(os.path.join(run_dir, "command.txt"), "w") as f:
@@ -183,6 +199,7 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
     env = {**os.environ, ENV_PLATFORM: CPU_PLATFORM, "VERL_FILE_LOGGER_PATH": metrics, "VLLM_CPU_KVCACHE_SPACE": "1",
            "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     actor = "FSDP actor" if engine == "fsdp" else f"Megatron actor, TP={MEGATRON_TP}"
+    actor += "" if trainer == "sync" else f", {trainer} trainer ({WARMUP_BATCHES} warm-up batch)"
     print(f"[demo] {loss}, {actor}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
     print(f"[demo] starting verl (Ray, vLLM CPU server, {actor}): the first step takes ~1 min; "
           f"full log: {os.path.join(run_dir, 'train.log')}", flush=True)
@@ -206,22 +223,25 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
         stop.set()
         reader.join(timeout=10)
         mem.join(timeout=5)
-    return _finish(run_dir, name, loss, steps, rc, t0, peak[0], timeout_s)
+    return _finish(run_dir, name, loss, steps, rc, t0, peak[0], timeout_s, trainer)
 
 
-def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s) -> dict:
+def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="sync") -> dict:
     records = [r for r in report.read_records(os.path.join(run_dir, "metrics.jsonl"))
                if report.REWARD in r["data"]]
     rewards = [r["data"][report.REWARD] for r in records]
+    stale = [r["data"][report.STALENESS] for r in records if report.STALENESS in r["data"]]
     png = os.path.join(run_dir, f"{name}.png")
     if records:
-        report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on the CPU demo")
-    summary = {"run": name, "loss": loss, "steps_requested": steps, "steps_logged": len(records),
+        where = "the CPU demo" + ("" if trainer == "sync" else f", verl's {trainer} trainer")
+        report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on {where}")
+    summary = {"run": name, "loss": loss, "trainer": trainer, "steps_requested": steps, "steps_logged": len(records),
                "exit_code": rc, "timed_out": rc is None, "wall_s": round(time.time() - t0, 1),
                "peak_pss_gb": round(peak_bytes / 2**30, 2), "reward_first": rewards[0] if rewards else None,
                "reward_last": rewards[-1] if rewards else None,
                "reward_first5_mean": sum(rewards[:5]) / len(rewards[:5]) if rewards else None,
                "reward_last5_mean": sum(rewards[-5:]) / len(rewards[-5:]) if rewards else None,
+               "staleness_max": max(stale) if stale else None,  # async trainers: verl's trajectory staleness
                "plot": png if records else None}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -264,13 +284,14 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=4, help="samples per prompt (GRPO group)")
     ap.add_argument("--engine", default="fsdp", choices=ENGINES, help="the actor's verl engine (megatron: TP=2)")
     ap.add_argument("--engines", nargs="+", default=None, choices=ENGINES, help="compare: engines to run (default: --engine)")
+    ap.add_argument("--trainer", default="sync", choices=TRAINERS,
+                    help="verl's V1 trainer mode (colocate_async: rollouts one policy version stale, partial rollouts)")
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--timeout", type=float, default=1500, help="hard limit for the whole run, seconds")
     a = ap.parse_args(argv)
     common = dict(k=a.k, steps=a.steps, seed=a.seed, lr=a.lr, batch=a.batch, n=a.n, minibatches=a.minibatches,
-                  runs_dir=a.runs_dir,
-                  timeout_s=a.timeout)
+                  runs_dir=a.runs_dir, timeout_s=a.timeout, trainer=a.trainer)
     if a.command == "compare":
         compare(a.losses, engines=tuple(a.engines or [a.engine]), **common)
     else:

@@ -6,7 +6,8 @@
 
 Binary modes need only the sampled-token log-probs, so they run with most verl options. Top-K modes need the
 logits (verl's logits-processor hook) and the rollout's per-token top-K tensors, which several verl paths do not
-provide. Every message names the config key to change. Rollout-side rules are in :mod:`.rollout_rules`.
+provide. Every message names the config key to change. Rollout-side rules are in :mod:`.rollout_rules`, the
+trainer's (V1 trainer modes, verl's experimental entry points) in :mod:`.trainer_rules`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..knobs import parse_loss_mode, resolve_knobs
 from ..contract import CALCULATE_LOG_PROBS, LOSS_MODE, POLICY_LOSS, ROLLOUT, ROLLOUT_NUM_TOPK
+from .trainer_rules import trainer_rule_violations
 
 __all__ = ["actor_rule_violations", "check_actor_config", "check_config", "select", "TOPK_STRATEGIES"]
 
@@ -31,7 +33,6 @@ _TOPK_RULES = (
     ("actor_rollout_ref.actor.megatron.dynamic_context_parallel", bool, "dynamic CP layouts are not reproduced by the hook"),
     ("distillation.enabled", bool, "top-K distillation uses the same engine hook"),
     (f"{ROLLOUT}.disaggregation.enabled", bool, "prefill/decode disaggregation bypasses the top-K rollout capture"),
-    ("trainer.v1.trainer_mode", lambda v: v not in (None, "sync"), "async partial rollouts merge log-probs but not the top-K tensors"),
     ("actor_rollout_ref.actor.strategy", lambda v: v is not None and v not in TOPK_STRATEGIES, f"Top-K supports the {TOPK_STRATEGIES} engines"),
 )
 
@@ -93,7 +94,7 @@ def actor_rule_violations(config: Any) -> list[str]:
         knobs = resolve_knobs(mode, select(config, POLICY_LOSS, {}))
     except (ValueError, KeyError) as e:
         return [str(e)]
-    problems = _anchor_rules(config, mode, knobs)
+    problems = _anchor_rules(config, mode, knobs) + trainer_rule_violations(config, mode, parsed.is_topk)
     if parsed.is_topk:
         problems += _topk_rules(config, mode, knobs)
     return problems

@@ -8,7 +8,7 @@ loss function.
 
 The wrapper, for DPPO modes only (every other mode is delegated untouched, arguments and all):
 - called as a logits processor (``student_logits=...``, Top-K modes; see :mod:`.topk_hook`), returns the
-  per-row ``dppo_divergence`` / ``dppo_support_size``;
+  per-row ``dppo_divergence`` / ``dppo_support_size`` / ``dppo_topk_valid``;
 - reads ``rollout_log_probs`` (and the Top-K hook's ``dppo_*`` model outputs) into a :class:`HandOff`,
   in the same padded ``[B, T]`` layout ``ppo_loss`` gives ``old_log_probs`` / ``log_prob``;
 - runs verl's own ``ppo_loss`` inside :func:`handoff_scope` (entropy bonus, KL loss, metric logic stay verl's);
@@ -23,7 +23,7 @@ import sys
 import torch
 
 from ...knobs import parse_loss_mode, resolve_knobs
-from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE, ROLLOUT_LOG_PROBS
+from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_TOPK_VALID, ROLLOUT_LOG_PROBS, TOPK_KEYS
 from ...handoff import HandOff, handoff_scope
 from ...losses import MAX_METRICS
 from ..patching import patch_attr
@@ -33,7 +33,8 @@ __all__ = ["apply_ppo_loss_wrapper", "PATCH", "SIGNATURE"]
 
 PATCH = "actor.ppo_loss"
 SIGNATURE = "config, model_output, data, dp_group="
-_MODEL_OUTPUT_TO_FIELD = {OUT_DIVERGENCE: "divergence", OUT_SUPPORT_SIZE: "support_size", OUT_DDOT: "ddot"}
+_MODEL_OUTPUT_TO_FIELD = {OUT_DIVERGENCE: "divergence", OUT_SUPPORT_SIZE: "support_size", OUT_DDOT: "ddot",
+                          OUT_TOPK_VALID: "topk_valid"}
 
 
 def _padded_field(data, key):
@@ -55,10 +56,23 @@ def _padded_field(data, key):
     return out
 
 
+def _describe_token(data, b: int, t: int) -> str:
+    """Response token ``t`` of sample ``b`` of this micro-batch (the padded ``[B, T]`` indices the loss sees), in words:
+    its id, ``rollout_log_probs`` and top-K row. Error path only: it pads the batch's fields again."""
+    parts = [f"sample {b} of this micro-batch, response token {t}"]
+    labels = {"responses": "token id", ROLLOUT_LOG_PROBS: ROLLOUT_LOG_PROBS, **{k: k for k in TOPK_KEYS}}
+    for key, label in labels.items():
+        field = _padded_field(data, key)
+        if field is not None and b < field.shape[0] and t < field.shape[1]:
+            parts.append(f"{label} {field[b, t].tolist()}")
+    return ", ".join(parts)
+
+
 def _handoff_from(model_output, data) -> HandOff:
     from verl.workers.utils.padding import no_padding_2_padding
 
-    handoff = HandOff(rollout_log_probs=_padded_field(data, ROLLOUT_LOG_PROBS))
+    handoff = HandOff(rollout_log_probs=_padded_field(data, ROLLOUT_LOG_PROBS),
+                      describe_token=functools.partial(_describe_token, data))
     for key, attr in _MODEL_OUTPUT_TO_FIELD.items():
         if model_output is not None and key in model_output:
             setattr(handoff, attr, no_padding_2_padding(model_output[key], data))

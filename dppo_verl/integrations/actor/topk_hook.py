@@ -10,8 +10,9 @@ flag ``distillation_use_topk`` (added for on-policy distillation; verl_0.9.1_int
   BSHD ``[B, S_pad / cp, V / tp]``.
 
 The batch's response-only rollout tensors are laid out like the logits by :mod:`.layout`. The result is
-per-row scalars (``dppo_divergence``, ``dppo_support_size``, and ``dppo_ddot`` for the predictive direction,
-:mod:`dppo_verl.ops.predictive`) of the logits' leading shape; the engines gather/unpack them like ``log_probs``.
+per-row scalars (``dppo_divergence``, ``dppo_support_size``, ``dppo_topk_valid`` (:mod:`dppo_verl.ops.consistency`),
+and ``dppo_ddot`` for the predictive direction, :mod:`dppo_verl.ops.predictive`) of the logits' leading shape; the
+engines gather/unpack them like ``log_probs``.
 
 Nothing here keeps a reference to the logits (both engines reuse that buffer in place afterwards) and
 everything runs under no_grad: the divergence only drives the mask. The one exception is the opt-in
@@ -25,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE
+from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_TOPK_VALID
+from ...ops.consistency import topk_row_status
 from ...ops.divergence import get_divergence
 from ...ops.predictive import predictive_ddot
 from ...ops.support import build_support
@@ -35,10 +37,13 @@ from .layout import layout_like_logits, megatron_layout_of, packed_support_input
 __all__ = ["topk_outputs"]
 
 
-def _divergence_outputs(pi_logp, rest_sq, sup, row_valid: torch.Tensor, knobs) -> dict:
-    """log pi at the support ``[s, K + 1]`` (and ``rest_sq [s]``) -> per-row ``dppo_*`` scalars ``[s]`` (0 off-response)."""
+def _divergence_outputs(pi_logp, rest_sq, sup, mu, row_valid: torch.Tensor, knobs) -> dict:
+    """log pi at the support ``[s, K + 1]`` (and ``rest_sq [s]``) -> per-row ``dppo_*`` scalars ``[s]`` (0 off-response).
+    ``dppo_topk_valid`` is the row's consistency code (:mod:`dppo_verl.ops.consistency`), computed here on the device;
+    the loss reads it with its metrics (one read per micro-batch) and raises there."""
     fn = get_divergence(knobs.divergence).fn
-    out = {OUT_SUPPORT_SIZE: torch.where(row_valid, sup.size, 0.0)}
+    out = {OUT_SUPPORT_SIZE: torch.where(row_valid, sup.size, 0.0),
+           OUT_TOPK_VALID: topk_row_status(sup, mu, row_valid)}
     if knobs.direction == "predictive":
         ddot = predictive_ddot(fn, pi_logp, sup.mu_logp, sup.valid, sup.is_sampled, rest_sq)
         out[OUT_DDOT] = torch.where(row_valid, ddot, 0.0)
@@ -46,13 +51,14 @@ def _divergence_outputs(pi_logp, rest_sq, sup, row_valid: torch.Tensor, knobs) -
     return out
 
 
-def _row_outputs(logits: torch.Tensor, sup, row_valid: torch.Tensor, knobs, tp_group) -> dict:
+def _row_outputs(logits: torch.Tensor, sup, mu, row_valid: torch.Tensor, knobs, tp_group) -> dict:
     """One ``[s, V_local]`` slab of rows -> per-row ``dppo_*`` scalars ``[s]`` (0 on rows that are not response)."""
     if knobs.direction == "predictive":
         # Q_R = sum_{j not in S} pi_j^2 rides in the vocab-parallel SUM (one more float per row).
         st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid)
-        return _divergence_outputs(st.logp, st.rest_sq, sup, row_valid, knobs)
-    return _divergence_outputs(vocab_parallel_logprobs(logits, sup.ids, tp_group=tp_group), None, sup, row_valid, knobs)
+        return _divergence_outputs(st.logp, st.rest_sq, sup, mu, row_valid, knobs)
+    pi_logp = vocab_parallel_logprobs(logits, sup.ids, tp_group=tp_group)
+    return _divergence_outputs(pi_logp, None, sup, mu, row_valid, knobs)
 
 
 def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, grad: bool) -> dict:
@@ -73,12 +79,13 @@ def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vo
         rows = handoff.flat_rows(student_logits)  # [R, V_local], a view (made with grad on: its backward is free)
         fused = fused_logprobs(rows, labels.reshape(-1), sup.ids, tp_group=tp_group, sq_exclude=exclude)
         handoff.offer(student_logits, labels, fused.label_logp.view(labels.shape))
-    out = _divergence_outputs(fused.support_logp, fused.rest_sq, sup, row_valid, knobs)
+    out = _divergence_outputs(fused.support_logp, fused.rest_sq, sup, flat["mu"], row_valid, knobs)
     return {key: v.view(lead) for key, v in out.items()}
 
 
 def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, data_format=None) -> dict:
-    """Per-row ``dppo_divergence``, ``dppo_support_size`` (and ``dppo_ddot`` for ``direction=predictive``), each
+    """Per-row ``dppo_divergence``, ``dppo_support_size``, ``dppo_topk_valid`` (and ``dppo_ddot`` for
+    ``direction=predictive``), each
     with the logits' leading shape ``[b, s]``. Under no_grad, except the fused log pi(label) (``fused_logprobs``)."""
     grad = torch.is_grad_enabled()
     with torch.no_grad():
@@ -104,5 +111,5 @@ def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, da
             row_valid = laid["row_valid"][b].bool()
             sup = build_support(laid["sampled"][b], laid["mu"][b], laid["topk_ids"][b], laid["topk_logp"][b],
                                 vocab_size=vocab, num_topk=knobs.num_topk, row_valid=row_valid)
-            rows.append(_row_outputs(student_logits[b], sup, row_valid, knobs, tp_group))
+            rows.append(_row_outputs(student_logits[b], sup, laid["mu"][b], row_valid, knobs, tp_group))
         return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
