@@ -32,7 +32,7 @@ from .contract import (
 )
 from .handoff import HandOff, current_handoff
 from .integrations.patching import raise_if_drifted
-from .ops.checks import check_finite_logprobs, check_shape
+from .ops.checks import DeferredChecks, check_shape, nonfinite_logprob_flags
 from .ops.consistency import VALID, describe_status
 from .ops.divergence import DivergenceSpec, add_registration_listener, divergence_names, get_divergence
 from .ops.mask import sequence_keep
@@ -207,6 +207,24 @@ def _topk_inputs(handoff: Optional[HandOff], knobs: DPPOKnobs, mode: str, shape)
     return div, push, handoff.support_size, handoff.topk_valid
 
 
+def _validate_tokens(mu_name: str, mu, log_prob, advantages, mask) -> None:
+    """NaN/+inf log-probs (mu, pi) and non-finite advantages on response tokens: one device read for all three.
+
+    A poisoned reward (NaN or inf advantage) would make every gradient of the step NaN (Eq. 11 multiplies log pi by
+    A_t), and the optimizer would write NaN into the weights; refuse it naming the sample instead.
+    """
+    checks = DeferredChecks()
+    nonfinite_logprob_flags(checks, mu_name, mu, mask)
+    nonfinite_logprob_flags(checks, "log_prob", log_prob, mask)
+    bad = ~torch.isfinite(advantages) & mask
+    checks.add(bad, lambda idx: (
+        f"advantages (shape {list(advantages.shape)}) is {advantages[tuple(idx)].item()} at sample {idx[0]} "
+        f"(micro-batch row), response token {idx[-1]}: a NaN/inf reward or advantage reached the DPPO "
+        "loss; it would turn the whole gradient into NaN. Check the reward function and the advantage estimator "
+        "for this sample"))
+    checks.run()
+
+
 def _policy_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -230,8 +248,7 @@ def _policy_loss(
     mu = _mu_from(handoff, old_log_prob, knobs, loss_mode)
     mu_name = ROLLOUT_LOG_PROBS if knobs.anchor == "rollout" else "old_log_prob"
     check_shape(mu_name, mu, shape)
-    check_finite_logprobs(mu_name, mu, mask)
-    check_finite_logprobs("log_prob", log_prob.detach(), mask)
+    _validate_tokens(mu_name, mu, log_prob.detach(), advantages, mask)
     if rollout_is_weights is not None and knobs.anchor == "rollout":
         # First-use twin of the launch rule: Eq. 11 already weights by min(pi/mu, C); verl's pi_old/mu on top of it
         # would count the correction twice.

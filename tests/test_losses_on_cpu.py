@@ -241,3 +241,46 @@ def test_rollout_correction_weights_on_a_rollout_anchored_loss_are_refused():
     loss, _ = _get("dppo_tv_binary")(x - 1, logp, torch.ones(B, T), mask, "token-mean", old, torch.full((B, T), 2.0))
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.full((B, T), -2.0 / (B * T)))  # -A * r(=1) * w(=2), token-mean
+
+
+@pytest.mark.parametrize("mode", ["dppo_tv_binary", "dppo_kl_topk"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_poisoned_advantage_is_an_error_naming_the_sample(mode, poison):
+    """A NaN/inf advantage on a response token never becomes a NaN gradient: the loss refuses it, naming the sample."""
+    theta, logp64, mu, adv, mask = _batch()
+    logp = logp64.float()
+    adv = adv.float()
+    adv[2, 4] = poison
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode=mode, num_topk=3))
+    ho = HandOff(rollout_log_probs=mu.float(), divergence=torch.zeros(B, T), support_size=torch.ones(B, T))
+    with handoff_scope(ho):
+        with pytest.raises(ValueError, match=rf"advantages \(shape \[4, 7\]\) is {poison} at sample 2 \(micro-batch "
+                                             r"row\), response token 4: a NaN/inf reward or advantage"):
+            _get(mode)(mu.float(), logp, adv, mask, "token-mean", cfg)
+        # outside the response (mask 0) the value never reaches the sum: accepted, finite loss and gradient
+        adv[2, 4] = 0.0
+        adv[3, 5] = poison
+        assert not mask[3, 5]
+        leaf = logp64.detach().float().requires_grad_(True)
+        loss, _ = _get(mode)(mu.float(), leaf, adv, mask, "token-mean", cfg)
+        loss.backward()
+        assert bool(torch.isfinite(loss)) and bool(torch.isfinite(leaf.grad).all())
+
+
+def test_token_validation_is_one_device_read(monkeypatch):
+    """mu, log pi and advantages are checked together: one read, plus the one of the metrics."""
+    theta, logp64, mu, adv, mask = _batch()
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_binary"))
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    with handoff_scope(HandOff(rollout_log_probs=mu.float())):
+        _get("dppo_tv_binary")(mu.float(), logp64.float(), adv.float(), mask, "token-mean", cfg)
+    monkeypatch.undo()
+    assert calls == ["tolist", "tolist"], calls

@@ -10,6 +10,12 @@ Slot validity (SPEC, data contract):
 - the appended slot K (the sampled token ``a_t`` with ``mu(a_t)`` from ``rollout_log_probs``) is valid only
   when ``a_t`` is not among the valid top-K ids.
 Invalid slots carry id 0 (safe to gather) and mu-logprob -inf; ``valid`` keeps them out of every sum.
+
+Impossible rollout data is refused, naming the batch key, the first bad index and the value: NaN/+inf log-probs,
+log-probs above ``LOGP_TOL`` (p > 1), ids outside the vocabulary, and a support whose mu-mass exceeds
+``1 + MASS_TOL`` (the rest bucket ``1 - sum_S mu`` of Eqs. 15/16 would be negative and get clamped, i.e. a
+meaningless divergence: raw logits passed as log-probs, or log-probs of another softmax). All flags are computed on
+the device and read back once per call (:class:`dppo_verl.ops.checks.DeferredChecks`).
 """
 
 from __future__ import annotations
@@ -19,9 +25,16 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..contract import ROLLOUT_LOG_PROBS, ROLLOUT_NUM_TOPK, ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS
-from .checks import check_finite_logprobs, check_int_ids, check_shape
+from .checks import DeferredChecks, check_int_dtype, check_shape, id_range_flags, nonfinite_logprob_flags
 
-__all__ = ["Support", "build_support"]
+__all__ = ["LOGP_TOL", "MASS_TOL", "Support", "build_support"]
+
+# A log-probability is at most 0. fp32 log-softmax of a peaked row can round to a few 1e-7 above it; 1e-4
+# (p = 1.0001) is far above that rounding and far below anything a distribution could mean.
+LOGP_TOL = 1e-4
+# The support's mu-mass is at most 1. An engine's fp32 log-probs of up to K + 1 = 21 tokens sum to 1 within ~1e-6;
+# 1e-3 leaves room for bf16-era rounding upstream and still refuses logits (sum >> 1) or another softmax's values.
+MASS_TOL = 1e-3
 
 
 class Support(NamedTuple):
@@ -36,6 +49,33 @@ class Support(NamedTuple):
         return self.valid.sum(-1).float()
 
 
+def _positive_flags(checks: DeferredChecks, name: str, logp: torch.Tensor, where: Optional[torch.Tensor]) -> None:
+    """Queue: log-probs above LOGP_TOL (p > 1; e.g. raw logits passed as log-probs)."""
+    bad = logp > LOGP_TOL
+    if where is not None:
+        bad = bad & where
+    checks.add(bad, lambda idx: (
+        f"{name} (shape {list(logp.shape)}) has a log-probability above {LOGP_TOL} (p > 1) at index {idx}: "
+        f"{logp[tuple(idx)].item()!r}; these are not log-probabilities (raw logits?)"))
+
+
+def _mass_flags(checks: DeferredChecks, mu: torch.Tensor, valid: torch.Tensor, topk_logp: torch.Tensor) -> None:
+    """Queue: per token, the mu-mass of the valid support slots (top-K ranks, duplicates dropped, plus a_t when it is
+    outside them) must not exceed 1 + MASS_TOL."""
+    mass = torch.where(valid, mu, float("-inf")).exp().sum(-1)  # [...]; invalid slots contribute exp(-inf) = 0
+
+    def describe(idx: list[int]) -> str:
+        t = tuple(idx)
+        extra = float(torch.where(valid[t][-1], mu[t][-1], float("-inf")).exp())
+        topk = float(mass[t]) - extra
+        also = f" plus {ROLLOUT_LOG_PROBS} of the sampled token outside the top-K ({extra:.6g})" if extra > 0 else ""
+        return (f"{ROLLOUT_TOPK_LOGPROBS} (shape {list(topk_logp.shape)}): the probabilities at index {idx} sum to "
+                f"{float(mass[t]):.6g} > 1 + {MASS_TOL} (valid, non-duplicate ranks {topk:.6g}{also}); they are not "
+                f"log-probabilities of one distribution (raw logits, or log-probs of another softmax?)")
+
+    checks.add(mass > 1.0 + MASS_TOL, describe)
+
+
 def build_support(
     sampled_ids: torch.Tensor,
     sampled_logp: torch.Tensor,
@@ -46,7 +86,7 @@ def build_support(
     num_topk: Optional[int] = None,
     row_valid: Optional[torch.Tensor] = None,
 ) -> Support:
-    """Build the ``K + 1`` support (or the binary one when ``topk_ids`` is None).
+    """Build the ``K + 1`` support (or the binary one when ``topk_ids`` is None), refusing impossible data.
 
     Args:
         sampled_ids: ``[...]`` the response token ids ``a_t``.
@@ -59,27 +99,31 @@ def build_support(
             an all-invalid support and are never validated (their contents are whatever padding held).
 
     Returns:
-        :class:`Support` with ``[..., M]`` tensors.
+        :class:`Support` with ``[..., M]`` tensors. Validation costs one device read (module docstring).
     """
     lead = list(sampled_ids.shape)
     check_shape("sampled_logp (rollout_log_probs)", sampled_logp, lead)
-    check_int_ids("response ids", sampled_ids, vocab_size, row_valid)
+    check_int_dtype("response ids", sampled_ids)
     if row_valid is not None:
         check_shape("row_valid (response_mask)", row_valid, lead)
         row_valid = row_valid.bool()
-    check_finite_logprobs(ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
+    checks = DeferredChecks()  # order = precedence of the messages: NaN/+inf, p > 1, ids, mass
+    nonfinite_logprob_flags(checks, ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
+    _positive_flags(checks, ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
+    id_range_flags(checks, "response ids", sampled_ids, vocab_size, row_valid)
     sampled_ids = sampled_ids.long()
 
     if topk_ids is None:
         if topk_logp is not None:
-            raise ValueError("rollout_topk_logprobs given without rollout_topk_ids")
+            raise ValueError(f"{ROLLOUT_TOPK_LOGPROBS} given without {ROLLOUT_TOPK_IDS}")
+        checks.run()
         valid = torch.ones_like(sampled_ids, dtype=torch.bool) if row_valid is None else row_valid.clone()
         mu = sampled_logp.float().masked_fill(~valid, float("-inf"))
         valid = valid.unsqueeze(-1)
         return Support(torch.where(valid, sampled_ids.unsqueeze(-1), 0), mu.unsqueeze(-1), valid, valid.clone())
 
     if topk_logp is None:
-        raise ValueError("rollout_topk_ids given without rollout_topk_logprobs")
+        raise ValueError(f"{ROLLOUT_TOPK_IDS} given without {ROLLOUT_TOPK_LOGPROBS}")
     check_shape(ROLLOUT_TOPK_IDS, topk_ids, lead + [None])
     k = topk_ids.shape[-1]
     check_shape(ROLLOUT_TOPK_LOGPROBS, topk_logp, lead + [k])
@@ -89,14 +133,22 @@ def build_support(
             f"set +{ROLLOUT_NUM_TOPK}={num_topk} or policy_loss.num_topk={k}"
         )
     slot_rows = None if row_valid is None else row_valid.unsqueeze(-1)
-    check_finite_logprobs(ROLLOUT_TOPK_LOGPROBS, topk_logp, slot_rows)
+    nonfinite_logprob_flags(checks, ROLLOUT_TOPK_LOGPROBS, topk_logp, slot_rows)
+    _positive_flags(checks, ROLLOUT_TOPK_LOGPROBS, topk_logp, slot_rows)
     topk_logp = topk_logp.float()
     real = torch.isfinite(topk_logp)
     if slot_rows is not None:
         real = real & slot_rows
-    check_int_ids(ROLLOUT_TOPK_IDS, topk_ids, vocab_size, real)
-    topk_ids = topk_ids.long()
+    id_range_flags(checks, ROLLOUT_TOPK_IDS, topk_ids, vocab_size, real)
+    sup = _topk_support(sampled_ids, sampled_logp, topk_ids.long(), topk_logp, real, row_valid)
+    _mass_flags(checks, sup.mu_logp, sup.valid, topk_logp)
+    checks.run()  # the one device read of this call
+    return sup
 
+
+def _topk_support(sampled_ids, sampled_logp, topk_ids, topk_logp, real, row_valid) -> Support:
+    """The K + 1 slots from checked-shape inputs; ``real [..., K]``: finite top-K log-prob on a valid row."""
+    k = topk_ids.shape[-1]
     # A rank is a duplicate when the same id occurs at a lower valid rank: [..., K, K] comparison, K ~ 20.
     same = (topk_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)) & real.unsqueeze(-2)
     earlier = torch.ones(k, k, dtype=torch.bool, device=topk_ids.device).tril(-1)  # [i, j]: j < i

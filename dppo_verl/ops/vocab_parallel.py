@@ -165,7 +165,10 @@ def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes, backend):
             x = logits[s : s + rows].float()  # [c, V_local] fp32: a copy for bf16/fp16, a view for fp32
             # exp(2 (x - l_r)) <= 1: never exp(x)^2, which overflows fp32. Support ids are zeroed by scatter,
             # so duplicates cannot be subtracted twice (no sum_all - sum_S cancellation either).
-            sq = torch.exp(2.0 * (x - lse_c.unsqueeze(-1)))  # [c, V_local]
+            # A shard whose row is all -inf (masked vocabulary padding) has l_r = -inf; shift by 0 there so that
+            # -inf - -inf never makes a NaN (q_r = 0, and its weight exp(2 (l_r - L)) is 0 in the combine anyway).
+            shift = torch.where(lse_c == float("-inf"), 0.0, lse_c)
+            sq = torch.exp(2.0 * (x - shift.unsqueeze(-1)))  # [c, V_local]
             drop = exclude[s : s + rows] & in_shard[s : s + rows]  # [c, M]
             r_idx = torch.arange(drop.shape[0], device=drop.device).unsqueeze(-1).expand_as(drop)
             sq[r_idx[drop], local_ids[s : s + rows][drop]] = 0.0
