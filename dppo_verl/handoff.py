@@ -13,6 +13,7 @@ Batch / model-output keys (contract names): ``rollout_log_probs``, ``dppo_diverg
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .ops.checks import DeferredChecks
 from .contract import TOKEN_OUTPUT_KEYS  # per-token outputs of the Top-K logits hook (keys of verl's model_output)
 
-__all__ = ["HandOff", "handoff_scope", "current_handoff", "TOKEN_OUTPUT_KEYS"]
+__all__ = ["HandOff", "handoff_scope", "current_handoff", "TOKEN_OUTPUT_KEYS", "defer_hook_checks", "take_hook_checks"]
 
 
 @dataclass
@@ -34,6 +36,8 @@ class HandOff:
     topk_valid: Optional[torch.Tensor] = None  # [B, T] dppo_topk_valid (Top-K row status codes, ops.consistency)
     # (b, t) -> the token's rollout data in words, for error messages (reads the micro-batch; error path only)
     describe_token: Optional[Callable[[int, int], str]] = None
+    # the Top-K hook's queued data checks (rollout data, ids, finite logits), read with the loss's metrics
+    checks: Optional[DeferredChecks] = None
 
 
 _CURRENT: ContextVar[Optional[HandOff]] = ContextVar("dppo_verl_handoff", default=None)
@@ -50,3 +54,25 @@ def handoff_scope(handoff: HandOff) -> Iterator[HandOff]:
 
 def current_handoff() -> Optional[HandOff]:
     return _CURRENT.get()
+
+
+# The Top-K hook (the engine's logits-processor call) runs just before the loss of the same micro-batch, in the
+# same thread; its data checks wait here so that the loss reads them with its metrics: one device read per
+# micro-batch instead of one per check. Checks that no loss takes (a forward-only call) are read at the latest
+# when _MAX_PENDING have piled up, never dropped.
+_PENDING = threading.local()
+_MAX_PENDING = 16
+
+
+def defer_hook_checks(checks: DeferredChecks) -> None:
+    pending = _PENDING.__dict__.setdefault("items", DeferredChecks())
+    pending.extend(checks)
+    if len(pending) > _MAX_PENDING * 16:  # ~16 checks per hook call: nobody read them for _MAX_PENDING calls
+        _PENDING.items = DeferredChecks()
+        pending.run()
+
+
+def take_hook_checks() -> Optional[DeferredChecks]:
+    """The queued checks of the hook calls since the last take (None when there are none)."""
+    pending = _PENDING.__dict__.pop("items", None)
+    return pending if pending is not None and len(pending) else None

@@ -64,11 +64,13 @@ def _max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.any(), top, 0.0)
 
 
-def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float) -> dict[str, float]:
+def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float,
+             checks: Optional[DeferredChecks] = None) -> dict[str, float]:
     """``t``: ``keep``, ``weight``, ``divergence``, ``log_prob``, ``mu``, ``log_ratio``, ``advantages``,
     ``support_size``, ``push`` (None unless predictive), ``topk_valid`` (None for binary modes) ``[B, T]`` and
     ``seq_keep`` ``[B]`` (all True when the TRM veto is off). Raises when a response token's top-K row is invalid:
-    the count rides in the same single device read as the metrics."""
+    the count rides in the same single device read as the metrics, and so do the queued data ``checks`` (the
+    Top-K hook's and the loss's own: :class:`~dppo_verl.ops.checks.DeferredChecks`), raised first."""
     dropped, adv = ~t["keep"], t["advantages"]
     ratio = torch.exp(t["log_ratio"].clamp(max=20.0))  # clamp as verl does: the metric stays finite
     has_tokens = mask.any(-1)  # [B]
@@ -94,7 +96,8 @@ def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float) -> dict
         invalid = (mask & ~valid).sum().float()
         m["topk_valid_frac"] = 1.0 - invalid / mask.sum().clamp(min=1)  # 1 on an empty micro-batch: nothing invalid
         m["topk_invalid_count"] = invalid
-    values = torch.stack(list(m.values())).tolist()  # one device sync for all metrics (and the top-K check)
+    # the one device read of the micro-batch: data checks, metrics and the top-K row check together
+    values = (checks or DeferredChecks()).read(torch.stack(list(m.values())))
     m = dict(zip(m, values))
     if m.pop("topk_invalid_count", 0.0):
         _raise_invalid_topk(t, mask)
@@ -136,10 +139,11 @@ def compute_dppo_loss(
     support_size: Optional[torch.Tensor] = None,
     topk_valid: Optional[torch.Tensor] = None,
     describe_token=None,
+    checks: Optional[DeferredChecks] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss (module docstring) and metrics from per-token tensors ``[B, T]`` (``divergence`` already computed).
     ``topk_valid``: the Top-K hook's row status codes (``dppo_topk_valid``); any invalid response token raises,
-    named through ``describe_token(b, t)`` when given."""
+    named through ``describe_token(b, t)`` when given. ``checks``: data checks to read with the metrics (one read)."""
     from verl.trainer.ppo.core_algos import agg_loss
 
     mask = response_mask.bool()
@@ -167,7 +171,7 @@ def compute_dppo_loss(
                  advantages=advantages, seq_keep=seq_keep, push=push, topk_valid=topk_valid,
                  describe_token=describe_token,
                  support_size=torch.ones_like(mu) if support_size is None else support_size)
-    return pg_loss, _metrics(parts, mask, knobs.truncation_cap)
+    return pg_loss, _metrics(parts, mask, knobs.truncation_cap, checks)
 
 
 def _mu_from(handoff: Optional[HandOff], old_log_prob, knobs: DPPOKnobs, mode: str) -> torch.Tensor:
@@ -207,13 +211,13 @@ def _topk_inputs(handoff: Optional[HandOff], knobs: DPPOKnobs, mode: str, shape)
     return div, push, handoff.support_size, handoff.topk_valid
 
 
-def _validate_tokens(mu_name: str, mu, log_prob, advantages, mask) -> None:
-    """NaN/+inf log-probs (mu, pi) and non-finite advantages on response tokens: one device read for all three.
+def _token_checks(checks: DeferredChecks, mu_name: str, mu, log_prob, advantages, mask) -> DeferredChecks:
+    """Queue: NaN/+inf log-probs (mu, pi) and non-finite advantages on response tokens (read with the metrics).
 
     A poisoned reward (NaN or inf advantage) would make every gradient of the step NaN (Eq. 11 multiplies log pi by
-    A_t), and the optimizer would write NaN into the weights; refuse it naming the sample instead.
+    A_t), and the optimizer would write NaN into the weights; the read raises naming the sample before the loss
+    is returned.
     """
-    checks = DeferredChecks()
     nonfinite_logprob_flags(checks, mu_name, mu, mask)
     nonfinite_logprob_flags(checks, "log_prob", log_prob, mask)
     bad = ~torch.isfinite(advantages) & mask
@@ -222,7 +226,7 @@ def _validate_tokens(mu_name: str, mu, log_prob, advantages, mask) -> None:
         f"(micro-batch row), response token {idx[-1]}: a NaN/inf reward or advantage reached the DPPO "
         "loss; it would turn the whole gradient into NaN. Check the reward function and the advantage estimator "
         "for this sample"))
-    checks.run()
+    return checks
 
 
 def _policy_loss(
@@ -248,7 +252,11 @@ def _policy_loss(
     mu = _mu_from(handoff, old_log_prob, knobs, loss_mode)
     mu_name = ROLLOUT_LOG_PROBS if knobs.anchor == "rollout" else "old_log_prob"
     check_shape(mu_name, mu, shape)
-    _validate_tokens(mu_name, mu, log_prob.detach(), advantages, mask)
+    # the Top-K hook's data checks first (they describe the rollout data), then the loss's own
+    checks = DeferredChecks()
+    if handoff is not None and handoff.checks is not None:
+        checks.extend(handoff.checks)
+    _token_checks(checks, mu_name, mu, log_prob.detach(), advantages, mask)
     if rollout_is_weights is not None and knobs.anchor == "rollout":
         # First-use twin of the launch rule: Eq. 11 already weights by min(pi/mu, C); verl's pi_old/mu on top of it
         # would count the correction twice.
@@ -274,6 +282,7 @@ def _policy_loss(
         support_size=support_size,
         topk_valid=topk_valid,
         describe_token=None if handoff is None else handoff.describe_token,
+        checks=checks,
     )
 
 

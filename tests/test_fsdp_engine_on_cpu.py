@@ -101,8 +101,13 @@ def _worker(rank, world, port, model_dir, samples, sp, rmpad, results, dyn=False
     fields["loss_mask"] = fields["response_mask"]
     extra = dict(calculate_entropy=False, distillation_use_topk=False, distillation_only=False, global_batch_size=n,
                  mini_batch_size=n, epochs=1, seed=42, dataloader_kwargs={"shuffle": False}, temperature=1.0)
-    out = worker.update_actor(tu.get_tensordict(tensor_dict=fields, non_tensor_dict=extra))
+    from sync_counter import SyncCounter
+
+    with SyncCounter() as syncs:  # dppo_verl's device reads during the whole update (hook + loss, every micro-batch)
+        out = worker.update_actor(tu.get_tensordict(tensor_dict=fields, non_tensor_dict=extra))
     assert seen, "the DPPO loss never ran"
+    # issue #18: at most one host sync per micro-batch in our code (the loss's one read of checks and metrics)
+    assert syncs.total <= len(seen), (len(seen), dict(syncs.where))
     assert not dyn or len(seen) > 1, f"{len(seen)} micro-batch: the token budget should have split the batch"
     for div, mu, mask, size in seen:  # identify each row's sample by its rollout log-probs
         for row in range(div.shape[0]):

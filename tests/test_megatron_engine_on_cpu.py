@@ -84,6 +84,7 @@ def _record_losses():
 
 def _worker(rank, world, model_dir, samples, out_dir):
     from safetensors.torch import load_file
+    from sync_counter import SyncCounter
     from verl.utils import tensordict_utils as tu
 
     tp, n, res = world, len(samples), {}
@@ -108,8 +109,10 @@ def _worker(rank, world, model_dir, samples, out_dir):
             seen.clear()
             wk = build_worker(model_dir, tp=tp, loss_mode=mode, n=n,
                               extra=[f"+actor_rollout_ref.actor.policy_loss.num_topk={K}", *extra])
-            out = wk.update_actor(batch(samples, **train_flags(n)))
-            res[mode] = dict(seen=list(seen), metrics=None if out is None else tu.get(out, "metrics"))
+            with SyncCounter() as syncs:  # dppo_verl's device reads in the update (issue #18: <= 1 per micro-batch)
+                out = wk.update_actor(batch(samples, **train_flags(n)))
+            res[mode] = dict(seen=list(seen), metrics=None if out is None else tu.get(out, "metrics"),
+                             syncs=dict(syncs.where))
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -175,6 +178,8 @@ def test_topk_divergence_per_token_through_the_engine(tp2, model_and_samples, mo
                 checked += int(keep.sum())
         assert checked == sum(int(s["response_mask"].sum()) for s in samples), checked
         assert len(widths) >= 1
+        # issue #18: at most one host sync per micro-batch in our code, hook and loss together
+        assert sum(res[mode]["syncs"].values()) <= len(seen), res[mode]["syncs"]
         metrics = res[mode]["metrics"]
         if metrics is not None:
             assert min(metrics["actor/dppo/support_size"]) > 1, metrics

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from dppo_verl.handoff import take_hook_checks
+
 from conftest import make_actor_config
 from dppo_verl.config import DPPOPolicyLossConfig
 from topk_batch import make_topk_batch, nested
@@ -101,11 +103,13 @@ def test_ids_out_of_range_and_nan_topk_logprobs():
     bad = data["rollout_topk_ids"].values().clone()
     bad[3, 2] = V + 7
     data["rollout_topk_ids"] = torch.nested.nested_tensor_from_jagged(bad, data["rollout_topk_ids"].offsets())
+    _ppo_loss()(cfg, student_logits=logits, data=data)  # queued for the loss's one read, not read here
     with pytest.raises(ValueError, match=rf"rollout_topk_ids .* outside \[0, {V}\): {V + 7}"):
-        _ppo_loss()(cfg, student_logits=logits, data=data)
+        take_hook_checks().run()  # what the loss of this micro-batch does, with its metrics
     data, truth = make_topk_batch(PROMPTS, RESPS, V, K)
     bad = data["rollout_topk_logprobs"].values().clone()
     bad[0, 0] = float("nan")
     data["rollout_topk_logprobs"] = torch.nested.nested_tensor_from_jagged(bad, data["rollout_topk_logprobs"].offsets())
+    _ppo_loss()(cfg, student_logits=logits, data=data)
     with pytest.raises(ValueError, match="rollout_topk_logprobs .* NaN"):
-        _ppo_loss()(cfg, student_logits=logits, data=data)
+        take_hook_checks().run()

@@ -182,3 +182,38 @@ def test_masked_vocab_padding_and_strided_shards(backend):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
     got = vocab_parallel_logprobs(full[:, ::2], ids, backend=backend)  # column stride 2
     torch.testing.assert_close(got.double(), ref.logprobs_at(full[:, ::2].contiguous(), ids), rtol=0, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_row_chunks(monkeypatch, caplog):
+    """When torch.compile fails (backend auto), the eager fallback runs in row chunks of at most ``chunk_bytes``:
+    never one ``[N, V_local]`` fp32 temporary (issue #18 item 3), and still the exact log-softmax."""
+    import dppo_verl.ops.vocab_parallel as vp
+
+    def broken(_x):
+        raise RuntimeError("inductor unavailable (simulated)")
+
+    n, v, m = 64, 1000, 5
+    chunk_bytes = 8 * v * 4 * vp._TEMPS_PER_ELEMENT  # 8 rows per chunk
+    seen_rows = []
+    real_eager = vp._lse_eager
+
+    def spying(x):
+        seen_rows.append(x.shape[0])
+        return real_eager(x)
+
+    monkeypatch.setattr(vp, "_compiled_lse", broken)
+    monkeypatch.setattr(vp, "_compile_failed", False)
+    monkeypatch.setattr(vp, "_lse_eager", spying)
+    logits = torch.randn(n, v) * 3
+    ids = torch.randint(0, v, (n, m))
+    with caplog.at_level("WARNING"):
+        got = vocab_parallel_logprobs(logits, ids, chunk_bytes=chunk_bytes, backend="auto")
+    assert "row-chunked" in caplog.text
+    assert vp._compile_failed
+    assert seen_rows and max(seen_rows) == 8 and sum(seen_rows) == n, seen_rows
+    torch.testing.assert_close(got.double(), ref.logprobs_at(logits.double(), ids), rtol=0, atol=2e-6)
+    seen_rows.clear()  # later calls go straight to the chunks, without trying to compile again
+    vocab_parallel_logprobs(logits, ids, chunk_bytes=chunk_bytes, backend="auto")
+    assert max(seen_rows) == 8 and sum(seen_rows) == n
+    with pytest.raises(RuntimeError, match="simulated"):  # backend=compile never falls back
+        vocab_parallel_logprobs(logits, ids, chunk_bytes=chunk_bytes, backend="compile")

@@ -47,13 +47,32 @@ class DeferredChecks:
     def add(self, bad: torch.Tensor, describe: Callable[[list[int]], str]) -> None:
         self._items.append((bad, describe))
 
+    def extend(self, other: "DeferredChecks") -> None:
+        """Take over ``other``'s queued checks (after this one's: precedence is kept)."""
+        self._items.extend(other._items)
+        other._items = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
     def run(self) -> None:
-        if not self._items:
-            return
-        flags = torch.stack([bad.any() for bad, _ in self._items]).tolist()  # the one device read
+        self.read(None)
+
+    def read(self, values: Optional[torch.Tensor]) -> list[float]:
+        """Read every flag and ``values`` (a 1-D float tensor, e.g. stacked metrics) in ONE device read; raise for
+        the first check that fails, else return ``values`` as a list (``[]`` for None)."""
+        dev = values.device if values is not None else (self._items[0][0].device if self._items else None)
+        parts = [torch.stack([bad.any().to(dev) for bad, _ in self._items]).float()] if self._items else []
+        if values is not None:
+            parts.append(values.float())
+        if not parts:
+            return []
+        got = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()  # the one device read
+        flags, rest = got[: len(self._items)], got[len(self._items):]
         for (bad, describe), hit in zip(self._items, flags):
             if hit:
                 raise ValueError(describe(bad.nonzero()[0].tolist()))
+        return rest
 
 
 def nonfinite_logprob_flags(checks: DeferredChecks, name: str, x: torch.Tensor,

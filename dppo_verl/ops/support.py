@@ -85,6 +85,7 @@ def build_support(
     vocab_size: Optional[int] = None,
     num_topk: Optional[int] = None,
     row_valid: Optional[torch.Tensor] = None,
+    checks: Optional[DeferredChecks] = None,
 ) -> Support:
     """Build the ``K + 1`` support (or the binary one when ``topk_ids`` is None), refusing impossible data.
 
@@ -97,6 +98,8 @@ def build_support(
         num_topk: when given, the K the config expects; a different K is an error (never silently 1).
         row_valid: ``[...]`` bool, True for real response tokens (verl's ``response_mask``). Padded rows get
             an all-invalid support and are never validated (their contents are whatever padding held).
+        checks: queue the data checks there, for the caller's one device read (the actor hook hands them to
+            the loss, which reads them with its metrics); None reads them here and raises.
 
     Returns:
         :class:`Support` with ``[..., M]`` tensors. Validation costs one device read (module docstring).
@@ -107,7 +110,8 @@ def build_support(
     if row_valid is not None:
         check_shape("row_valid (response_mask)", row_valid, lead)
         row_valid = row_valid.bool()
-    checks = DeferredChecks()  # order = precedence of the messages: NaN/+inf, p > 1, ids, mass
+    own = checks is None
+    checks = DeferredChecks() if own else checks  # order = precedence of the messages: NaN/+inf, p > 1, ids, mass
     nonfinite_logprob_flags(checks, ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
     _positive_flags(checks, ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
     id_range_flags(checks, "response ids", sampled_ids, vocab_size, row_valid)
@@ -116,7 +120,8 @@ def build_support(
     if topk_ids is None:
         if topk_logp is not None:
             raise ValueError(f"{ROLLOUT_TOPK_LOGPROBS} given without {ROLLOUT_TOPK_IDS}")
-        checks.run()
+        if own:
+            checks.run()
         valid = torch.ones_like(sampled_ids, dtype=torch.bool) if row_valid is None else row_valid.clone()
         mu = sampled_logp.float().masked_fill(~valid, float("-inf"))
         valid = valid.unsqueeze(-1)
@@ -142,7 +147,8 @@ def build_support(
     id_range_flags(checks, ROLLOUT_TOPK_IDS, topk_ids, vocab_size, real)
     sup = _topk_support(sampled_ids, sampled_logp, topk_ids.long(), topk_logp, real, row_valid)
     _mass_flags(checks, sup.mu_logp, sup.valid, topk_logp)
-    checks.run()  # the one device read of this call
+    if own:
+        checks.run()  # the one device read of this call
     return sup
 
 

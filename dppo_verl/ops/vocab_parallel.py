@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from .checks import check_shape
+from .checks import DeferredChecks, check_shape
 
 __all__ = ["BACKENDS", "DEFAULT_CHUNK_BYTES", "VocabParallelStats", "vocab_parallel_logprobs", "vocab_parallel_stats"]
 
@@ -96,23 +96,28 @@ _compiled_lse = None
 _compile_failed = False
 
 
-def _call_lse(x: torch.Tensor, backend: str) -> torch.Tensor:
-    """Per-row local log-sum-exp ``[c]``; ``auto`` compiles once and falls back to eager with a warning."""
+def _call_lse(x: torch.Tensor, backend: str) -> Optional[torch.Tensor]:
+    """Per-row local log-sum-exp ``[c]``. ``auto`` compiles once; when compiling fails it warns once and returns
+    None (then and from then on), and the caller takes the row-chunked eager path: ``x`` may be the whole shard,
+    so an eager call here would make the ``N x V_local`` fp32 temporary the module promises never to make."""
     global _compiled_lse, _compile_failed
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "eager" or (backend == "auto" and _compile_failed):
+    if backend == "eager":
         return _lse_eager(x)
+    if backend == "auto" and _compile_failed:
+        return None
     if _compiled_lse is None:
         _compiled_lse = torch.compile(_lse_blocked, dynamic=True)
     try:
         return _compiled_lse(_block_view(x))
-    except Exception as e:  # inductor unavailable (no compiler, unsupported device): same math, eager
+    except Exception as e:  # inductor unavailable (no compiler, unsupported device): same math, eager, chunked
         if backend == "compile":
             raise
         _compile_failed = True
-        logger.warning("dppo_verl: torch.compile of the vocab-parallel logsumexp failed (%s); using eager", e)
-        return _lse_eager(x)
+        logger.warning("dppo_verl: torch.compile of the vocab-parallel logsumexp failed (%s); using the eager "
+                       "row-chunked path", e)
+        return None
 
 
 class VocabParallelStats(NamedTuple):
@@ -133,17 +138,19 @@ def _chunk_rows(v_local: int, chunk_bytes: Optional[int], device: torch.device) 
     return max(1, int(chunk_bytes) // (v_local * 4 * _TEMPS_PER_ELEMENT))
 
 
-def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> None:
+def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, checks: DeferredChecks) -> None:
+    """Host-side shape/dtype checks now; the id range is queued on ``checks`` (read with the caller's one read).
+    Out-of-range ids are safe until then: they never count as in-shard, so nothing is gathered at them."""
     check_shape("logits", logits, [None, None])
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point (bf16/fp16/fp32), got dtype {logits.dtype}")
     check_shape("ids", ids, [logits.shape[0], None])
     if ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids must be int32 or int64 global token ids, got dtype {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"ids (shape {list(ids.shape)}) out of range [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}"
-        )
+    if ids.numel():
+        checks.add((ids < 0) | (ids >= vocab_size), lambda idx: (
+            f"ids (shape {list(ids.shape)}) out of range [0, {vocab_size}): min {int(ids.min())}, max "
+            f"{int(ids.max())}; first at index {idx}: {int(ids[tuple(idx)])}"))
 
 
 def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes, backend):
@@ -154,12 +161,18 @@ def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes, backend):
     n, v_local = logits.shape
     if backend != "eager" and exclude is None:
         # The compiled lse fuses cast, max and exp-sum: no per-element temporary, so no chunking needed.
-        return _call_lse(logits, backend), None  # [N]
+        lse = _call_lse(logits, backend)  # [N], or None when compiling failed (auto)
+        if lse is not None:
+            return lse, None
+        backend = "eager"  # the fallback runs in row chunks: never an N x V_local fp32 temporary
     rows = _chunk_rows(v_local, chunk_bytes, logits.device)
     lse_local = torch.empty(n, dtype=torch.float32, device=logits.device)
     rest_sq = torch.empty(n, dtype=torch.float32, device=logits.device) if exclude is not None else None
     for s in range(0, n, rows):
         lse_c = _call_lse(logits[s : s + rows], backend)  # [c]
+        if lse_c is None:  # compiling failed on the first chunk: this and every later chunk eager
+            backend = "eager"
+            lse_c = _lse_eager(logits[s : s + rows])
         lse_local[s : s + rows] = lse_c
         if exclude is not None:
             x = logits[s : s + rows].float()  # [c, V_local] fp32: a copy for bf16/fp16, a view for fp32
@@ -170,8 +183,9 @@ def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes, backend):
             shift = torch.where(lse_c == float("-inf"), 0.0, lse_c)
             sq = torch.exp(2.0 * (x - shift.unsqueeze(-1)))  # [c, V_local]
             drop = exclude[s : s + rows] & in_shard[s : s + rows]  # [c, M]
-            r_idx = torch.arange(drop.shape[0], device=drop.device).unsqueeze(-1).expand_as(drop)
-            sq[r_idx[drop], local_ids[s : s + rows][drop]] = 0.0
+            # zero the support columns by a multiplicative scatter (x 0 at dropped slots, x 1 elsewhere): a boolean
+            # index would read the device to size its result
+            sq.scatter_reduce_(1, local_ids[s : s + rows], (~drop).to(sq.dtype), reduce="prod")
             rest_sq[s : s + rows] = sq.sum(-1)
     return lse_local, rest_sq
 
@@ -199,6 +213,7 @@ def vocab_parallel_stats(
     sq_exclude: Optional[torch.Tensor] = None,
     chunk_bytes: Optional[int] = None,
     backend: str = "auto",
+    checks: Optional[DeferredChecks] = None,
 ) -> VocabParallelStats:
     """log pi at ``ids``, the full-vocabulary logsumexp and (optionally) the predictive statistic.
 
@@ -214,13 +229,17 @@ def vocab_parallel_stats(
             (row chunks, the reference path), ``auto`` (compile; eager with a warning if compiling fails),
             ``triton`` (opt-in fused kernel, ``dppo_verl.ops.kernels``: needs triton and a GPU, or CPU
             tensors under ``TRITON_INTERPRET=1``; ignores ``chunk_bytes``).
+        checks: where to queue the data checks (ids in range, finite log-sum-exp) so that the caller reads them
+            with its own flags in one device read; None reads them here (one read) and raises.
 
     Returns:
         :class:`VocabParallelStats` (fp32). Not differentiable: the divergence only drives a mask.
     """
     tp, rank = _group_size_rank(tp_group)
     n, v_local = logits.shape if logits.dim() == 2 else (None, None)
-    _validate(logits, ids, (v_local or 0) * tp)
+    own = checks is None
+    checks = DeferredChecks() if own else checks
+    _validate(logits, ids, (v_local or 0) * tp, checks)
     if sq_exclude is not None:
         check_shape("sq_exclude", sq_exclude, list(ids.shape))
     ids = ids.long()
@@ -247,12 +266,14 @@ def vocab_parallel_stats(
         lse, rest_sq = lse_r, q_r
 
     # Checked on the [N] result, not by another pass over the logits.
-    if not bool(torch.isfinite(lse).all()):
-        bad = (~torch.isfinite(lse)).nonzero()[:, 0]
-        raise ValueError(
-            f"logits (shape {list(logits.shape)}) give a non-finite log-sum-exp at {bad.numel()} rows "
-            f"(first: row {int(bad[0])}, value {float(lse[bad[0]])}): the logits contain NaN or inf"
-        )
+    def describe(idx: list[int]) -> str:
+        bad = ~torch.isfinite(lse)
+        return (f"logits (shape {list(logits.shape)}) give a non-finite log-sum-exp at {int(bad.sum())} rows "
+                f"(first: row {idx[0]}, value {float(lse[idx[0]])}): the logits contain NaN or inf")
+
+    checks.add(~torch.isfinite(lse), describe)
+    if own:
+        checks.run()
     return VocabParallelStats(gathered - lse.unsqueeze(-1), lse, rest_sq)
 
 
@@ -263,9 +284,11 @@ def vocab_parallel_logprobs(
     tp_group=None,
     chunk_bytes: Optional[int] = None,
     backend: str = "auto",
+    checks: Optional[DeferredChecks] = None,
 ) -> torch.Tensor:
     """``[N, M]`` fp32 log-softmax over the full vocabulary evaluated at global ``ids``. Forward-only.
 
     See :func:`vocab_parallel_stats` for arguments; use it when the logsumexp is needed too.
     """
-    return vocab_parallel_stats(logits, ids, tp_group=tp_group, chunk_bytes=chunk_bytes, backend=backend).logp
+    return vocab_parallel_stats(logits, ids, tp_group=tp_group, chunk_bytes=chunk_bytes, backend=backend,
+                                checks=checks).logp

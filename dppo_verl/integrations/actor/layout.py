@@ -16,7 +16,8 @@ import torch
 
 from ...contract import ROLLOUT_LOG_PROBS, ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS, ROLLOUT_NUM_TOPK, TOPK_KEYS
 
-__all__ = ["sequence_lengths", "response_values", "packed_support_inputs", "layout_like_logits", "megatron_layout_of"]
+__all__ = ["sequence_lengths", "response_values", "total_rows", "response_rows", "packed_support_inputs",
+           "layout_like_logits", "megatron_layout_of"]
 
 
 def sequence_lengths(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,12 +30,26 @@ def sequence_lengths(data) -> tuple[torch.Tensor, torch.Tensor]:
     return attn[:, :p].sum(1), attn[:, p:].sum(1)
 
 
-def response_values(name: str, x: torch.Tensor, resp_lens: torch.Tensor) -> torch.Tensor:
-    """Response-only ``[B, R(_i), ...]`` (nested or right-padded) -> packed ``[sum_b R_b, ...]``."""
+def response_values(name: str, x: torch.Tensor, resp_lens: torch.Tensor, checks=None) -> torch.Tensor:
+    """Response-only ``[B, R(_i), ...]`` (nested or right-padded) -> packed ``[sum_b R_b, ...]``.
+
+    Nested (verl's engine path): ``x.values()``, no device read; the per-sample lengths are compared on the device
+    and the flag queued on ``checks`` (a :class:`~dppo_verl.ops.checks.DeferredChecks`; None reads it here).
+    Right-padded (outside verl's engine): a boolean gather, which reads the device (data-dependent shape)."""
     if x.is_nested:
         got = x.offsets().diff()
-        if not torch.equal(got.cpu(), resp_lens.cpu()):
-            raise ValueError(f"{name}: per-sample lengths {got.tolist()} differ from the responses' {resp_lens.tolist()}")
+        own = checks is None
+        if own:
+            from ...ops.checks import DeferredChecks
+
+            checks = DeferredChecks()
+        if got.shape != resp_lens.shape:
+            raise ValueError(f"{name}: {got.numel()} samples, the responses have {resp_lens.numel()}")
+        checks.add(got != resp_lens.to(got.device), lambda idx: (
+            f"{name}: per-sample lengths {got.tolist()} differ from the responses' {resp_lens.tolist()} "
+            f"(first at sample {idx[0]})"))
+        if own:
+            checks.run()
         return x.values()
     if x.shape[1] < int(resp_lens.max()):
         raise ValueError(f"{name} has shape {list(x.shape)}: shorter than the longest response ({int(resp_lens.max())})")
@@ -42,12 +57,29 @@ def response_values(name: str, x: torch.Tensor, resp_lens: torch.Tensor) -> torc
     return x[keep]
 
 
-def packed_support_inputs(data, num_topk: int) -> dict[str, torch.Tensor]:
+def total_rows(data) -> tuple[int, int]:
+    """(N, R): packed full-sequence rows and response tokens of the micro-batch, host ints. Nested inputs (verl's
+    engine path) carry them in their values' shapes (no device read); the padded form reads the attention mask."""
+    if data["prompts"].is_nested and data["responses"].is_nested:
+        return data["prompts"].values().shape[0] + data["responses"].values().shape[0], data["responses"].values().shape[0]
+    p_lens, r_lens = sequence_lengths(data)
+    return int((p_lens + r_lens).sum()), int(r_lens.sum())
+
+
+def response_rows(starts: torch.Tensor, r_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[sum R]``: ``starts[b] + j`` for j < R_b, in sample order. ``total`` (= sum R, a host int) is passed as the
+    output size: without it ``repeat_interleave`` reads the device to size its output."""
+    first = torch.repeat_interleave(r_lens.cumsum(0) - r_lens, r_lens, output_size=total)  # [sum R]
+    return torch.repeat_interleave(starts, r_lens, output_size=total) + torch.arange(total, device=r_lens.device) - first
+
+
+def packed_support_inputs(data, num_topk: int, checks=None) -> dict[str, torch.Tensor]:
     """Scatter the response-only rollout tensors onto packed full-sequence rows ``[N_total, ...]``.
 
     Returns ``topk_ids [N, K]`` int64, ``topk_logp [N, K]`` fp32 (-inf off-response), ``sampled [N]`` int64,
     ``mu [N]`` fp32, ``row_valid [N]`` bool (True on rows that predict a response token with
-    ``response_mask`` 1) and ``offsets [B + 1]`` (packed sequence boundaries).
+    ``response_mask`` 1) and ``offsets [B + 1]`` (packed sequence boundaries). With nested inputs (verl's engine
+    path) no device read: the length checks are queued on ``checks``.
     """
     missing = [k for k in TOPK_KEYS + (ROLLOUT_LOG_PROBS,) if k not in data.keys()]
     if missing:
@@ -57,16 +89,18 @@ def packed_support_inputs(data, num_topk: int) -> dict[str, torch.Tensor]:
             "a Top-K mode never falls back to binary"
         )
     p_lens, r_lens = sequence_lengths(data)
+    n, r_total = total_rows(data)
     seq_lens = p_lens + r_lens
     offsets = torch.zeros(len(seq_lens) + 1, dtype=torch.long, device=seq_lens.device)
     offsets[1:] = seq_lens.cumsum(0)
     # row of response token j of sample b: offsets[b] + P_b - 1 + j
-    starts = offsets[:-1] + p_lens - 1
-    rows = torch.repeat_interleave(starts, r_lens) + _arange_within(r_lens)  # [sum R]
-    n = int(offsets[-1])
+    rows = response_rows(offsets[:-1] + p_lens - 1, r_lens, r_total)  # [sum R]
 
-    ids = response_values(ROLLOUT_TOPK_IDS, data[ROLLOUT_TOPK_IDS], r_lens)
-    logp = response_values(ROLLOUT_TOPK_LOGPROBS, data[ROLLOUT_TOPK_LOGPROBS], r_lens)
+    def values(name, key):
+        return response_values(name, data[key], r_lens, checks)
+
+    ids = values(ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_IDS)
+    logp = values(ROLLOUT_TOPK_LOGPROBS, ROLLOUT_TOPK_LOGPROBS)
     if ids.dim() != 2 or ids.shape[-1] != num_topk or logp.shape != ids.shape:
         raise ValueError(
             f"rollout_topk_ids / rollout_topk_logprobs have per-token shapes {list(ids.shape[1:])} / "
@@ -84,18 +118,11 @@ def packed_support_inputs(data, num_topk: int) -> dict[str, torch.Tensor]:
     rows = rows.to(dev)
     out["topk_ids"][rows] = ids.long()
     out["topk_logp"][rows] = logp.float()
-    out["sampled"][rows] = response_values("responses", data["responses"], r_lens).long()
-    out["mu"][rows] = response_values(ROLLOUT_LOG_PROBS, data[ROLLOUT_LOG_PROBS], r_lens).float()
-    out["row_valid"][rows] = response_values("response_mask", data["response_mask"], r_lens).bool()
+    out["sampled"][rows] = values("responses", "responses").long()
+    out["mu"][rows] = values(ROLLOUT_LOG_PROBS, ROLLOUT_LOG_PROBS).float()
+    out["row_valid"][rows] = values("response_mask", "response_mask").bool()
     out["offsets"] = offsets
     return out
-
-
-def _arange_within(lens: torch.Tensor) -> torch.Tensor:
-    """``[0..l_0-1, 0..l_1-1, ...]`` for lengths ``[B]``."""
-    total = int(lens.sum())
-    starts = torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-    return torch.arange(total, device=lens.device) - starts
 
 
 def megatron_layout_of(data) -> "MegatronLayout":

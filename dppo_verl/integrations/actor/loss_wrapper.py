@@ -24,10 +24,11 @@ import torch
 
 from ...knobs import parse_loss_mode, resolve_knobs
 from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_TOPK_VALID, ROLLOUT_LOG_PROBS, TOPK_KEYS
-from ...handoff import HandOff, handoff_scope
+from ...handoff import HandOff, defer_hook_checks, handoff_scope, take_hook_checks
+from ...ops.checks import DeferredChecks
 from ...losses import MAX_METRICS
 from ..patching import patch_attr
-from .layout import response_values, sequence_lengths
+from .layout import response_rows, response_values, sequence_lengths
 
 __all__ = ["apply_ppo_loss_wrapper", "PATCH", "SIGNATURE"]
 
@@ -37,23 +38,29 @@ _MODEL_OUTPUT_TO_FIELD = {OUT_DIVERGENCE: "divergence", OUT_SUPPORT_SIZE: "suppo
                           OUT_TOPK_VALID: "topk_valid"}
 
 
-def _padded_field(data, key):
+def _padded_field(data, key, checks=None):
     """``data[key]`` (response-only, nested or padded) as ``[B, T]`` padded exactly like verl pads ``log_prob``
-    in ``no_padding_2_padding`` (T = ``max_response_len`` or the longest response), or None when absent."""
+    in ``no_padding_2_padding`` (T = ``max_response_len`` or the longest response), or None when absent.
+    No device read in verl's engine path (nested fields, ``max_response_len`` set): the length check is queued on
+    ``checks`` and the values are scattered by index, not by a boolean mask."""
     if key not in data.keys():
         return None
     from verl.utils import tensordict_utils as tu
 
     _, r_lens = sequence_lengths(data)
     width = tu.get_non_tensor_data(data=data, key="max_response_len", default=-1)
-    width = int(r_lens.max()) if width is None or width < 0 else int(width)
+    if width is None or width < 0:
+        cached = getattr(data["responses"], "_maybe_max_seqlen", None) if data["responses"].is_nested else None
+        width = int(r_lens.max()) if cached is None else cached
+    width = int(width)
     if not data["prompts"].is_nested:
         width = data["responses"].shape[1]  # dense legacy layout: verl keeps the padded width
-    values = response_values(key, data[key], r_lens)  # [sum R, ...]
-    out = values.new_zeros((len(r_lens), width) + tuple(values.shape[1:]))
-    keep = torch.arange(width, device=values.device)[None, :] < r_lens.to(values.device)[:, None]
-    out[keep] = values
-    return out
+    values = response_values(key, data[key], r_lens, checks)  # [sum R, ...]
+    b = len(r_lens)
+    out = values.new_zeros((b * width,) + tuple(values.shape[1:]))
+    rows = response_rows(torch.arange(b, device=values.device) * width, r_lens.to(values.device), values.shape[0])
+    out[rows] = values
+    return out.view((b, width) + tuple(values.shape[1:]))
 
 
 def _describe_token(data, b: int, t: int) -> str:
@@ -71,8 +78,9 @@ def _describe_token(data, b: int, t: int) -> str:
 def _handoff_from(model_output, data) -> HandOff:
     from verl.workers.utils.padding import no_padding_2_padding
 
-    handoff = HandOff(rollout_log_probs=_padded_field(data, ROLLOUT_LOG_PROBS),
-                      describe_token=functools.partial(_describe_token, data))
+    checks = take_hook_checks() or DeferredChecks()  # the hook's (Top-K), then the hand-off's own
+    handoff = HandOff(rollout_log_probs=_padded_field(data, ROLLOUT_LOG_PROBS, checks),
+                      describe_token=functools.partial(_describe_token, data), checks=checks)
     for key, attr in _MODEL_OUTPUT_TO_FIELD.items():
         if model_output is not None and key in model_output:
             setattr(handoff, attr, no_padding_2_padding(model_output[key], data))
@@ -110,7 +118,10 @@ def _wrap(orig):
 
             knobs = resolve_knobs(mode, config.policy_loss)
             tp_group = None if data_format is None else _megatron_tp_group()
-            return topk_outputs(student_logits, data, knobs, tp_group=tp_group, data_format=data_format)
+            checks = DeferredChecks()  # read by this micro-batch's loss with its metrics (one device read)
+            out = topk_outputs(student_logits, data, knobs, tp_group=tp_group, data_format=data_format, checks=checks)
+            defer_hook_checks(checks)
+            return out
         with handoff_scope(_handoff_from(model_output, data)):
             loss, metrics = orig(config, model_output, data, dp_group, **kwargs)
         _retype_max_metrics(metrics)

@@ -51,17 +51,18 @@ def _divergence_outputs(pi_logp, rest_sq, sup, mu, row_valid: torch.Tensor, knob
     return out
 
 
-def _row_outputs(logits: torch.Tensor, sup, mu, row_valid: torch.Tensor, knobs, tp_group) -> dict:
+def _row_outputs(logits: torch.Tensor, sup, mu, row_valid: torch.Tensor, knobs, tp_group, checks) -> dict:
     """One ``[s, V_local]`` slab of rows -> per-row ``dppo_*`` scalars ``[s]`` (0 on rows that are not response)."""
     if knobs.direction == "predictive":
         # Q_R = sum_{j not in S} pi_j^2 rides in the vocab-parallel SUM (one more float per row).
-        st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid)
+        st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid, checks=checks)
         return _divergence_outputs(st.logp, st.rest_sq, sup, mu, row_valid, knobs)
-    pi_logp = vocab_parallel_logprobs(logits, sup.ids, tp_group=tp_group)
+    pi_logp = vocab_parallel_logprobs(logits, sup.ids, tp_group=tp_group, checks=checks)
     return _divergence_outputs(pi_logp, None, sup, mu, row_valid, knobs)
 
 
-def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, grad: bool) -> dict:
+def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, grad: bool,
+                   checks) -> dict:
     """``policy_loss.fused_logprobs``: every row at once through one Triton pass that also yields verl's
     log pi(label) with its gradient (handed to the engine's log-prob call, :mod:`.fused_logprob`)."""
     from . import fused_logprob as handoff
@@ -73,7 +74,7 @@ def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vo
     flat = {k: v.reshape((-1,) + tuple(v.shape[len(lead):])) for k, v in laid.items()}
     row_valid = flat["row_valid"].bool()
     sup = build_support(flat["sampled"], flat["mu"], flat["topk_ids"], flat["topk_logp"], vocab_size=vocab,
-                        num_topk=knobs.num_topk, row_valid=row_valid)
+                        num_topk=knobs.num_topk, row_valid=row_valid, checks=checks)
     exclude = sup.valid if knobs.direction == "predictive" else None
     with torch.set_grad_enabled(grad):  # only log pi(label) carries a gradient; the rest drives the mask
         rows = handoff.flat_rows(student_logits)  # [R, V_local], a view (made with grad on: its backward is free)
@@ -83,13 +84,20 @@ def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vo
     return {key: v.view(lead) for key, v in out.items()}
 
 
-def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, data_format=None) -> dict:
+def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, data_format=None,
+                 checks=None) -> dict:
     """Per-row ``dppo_divergence``, ``dppo_support_size``, ``dppo_topk_valid`` (and ``dppo_ddot`` for
-    ``direction=predictive``), each
-    with the logits' leading shape ``[b, s]``. Under no_grad, except the fused log pi(label) (``fused_logprobs``)."""
+    ``direction=predictive``), each with the logits' leading shape ``[b, s]``. Under no_grad, except the fused
+    log pi(label) (``fused_logprobs``). The data checks go on ``checks`` (a
+    :class:`~dppo_verl.ops.checks.DeferredChecks`, read by the loss with its metrics: no device read here with
+    verl's nested micro-batches); None reads them here, once."""
+    from ...ops.checks import DeferredChecks
+
     grad = torch.is_grad_enabled()
+    own = checks is None
+    checks = DeferredChecks() if own else checks
     with torch.no_grad():
-        packed = packed_support_inputs(data, knobs.num_topk)
+        packed = packed_support_inputs(data, knobs.num_topk, checks)
         offsets = packed.pop("offsets")
         packed["row_valid"] = packed["row_valid"].to(torch.uint8)  # padding helpers pad with 0; bool cannot be padded
         megatron = None if data_format is None else megatron_layout_of(data)
@@ -105,11 +113,27 @@ def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, da
         tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
         vocab = student_logits.shape[-1] * tp
         if getattr(knobs, "fused_logprobs", False):
-            return _fused_outputs(student_logits, laid, knobs, tp_group, vocab, grad)
-        rows = []
-        for b in range(lead[0]):  # b = 1 except Megatron BSHD; logits[b] is a 2-D view, never a copy
-            row_valid = laid["row_valid"][b].bool()
-            sup = build_support(laid["sampled"][b], laid["mu"][b], laid["topk_ids"][b], laid["topk_logp"][b],
-                                vocab_size=vocab, num_topk=knobs.num_topk, row_valid=row_valid)
-            rows.append(_row_outputs(student_logits[b], sup, laid["mu"][b], row_valid, knobs, tp_group))
-        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+            out = _fused_outputs(student_logits, laid, knobs, tp_group, vocab, grad, checks)
+        else:
+            out = _all_rows(student_logits, laid, knobs, tp_group, vocab, checks)
+    if own:
+        checks.run()
+    return out
+
+
+def _all_rows(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, checks) -> dict:
+    """Every row ``[b, s]`` in one pass over ``[b * s, V_local]`` (a view when the logits are contiguous, as both
+    engines hand them over), else one pass per ``b`` (each ``logits[b]`` a 2-D view, never a copy)."""
+    lead = tuple(student_logits.shape[:-1])
+    if student_logits.is_contiguous():
+        slabs = [(student_logits.view(-1, student_logits.shape[-1]),
+                  {k: v.reshape((-1,) + tuple(v.shape[len(lead):])) for k, v in laid.items()})]
+    else:
+        slabs = [(student_logits[b], {k: v[b] for k, v in laid.items()}) for b in range(lead[0])]
+    rows = []
+    for logits, part in slabs:
+        row_valid = part["row_valid"].bool()
+        sup = build_support(part["sampled"], part["mu"], part["topk_ids"], part["topk_logp"], vocab_size=vocab,
+                            num_topk=knobs.num_topk, row_valid=row_valid, checks=checks)
+        rows.append(_row_outputs(logits, sup, part["mu"], row_valid, knobs, tp_group, checks))
+    return {key: torch.stack([r[key] for r in rows]).view(lead) for key in rows[0]}
