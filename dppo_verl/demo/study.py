@@ -100,24 +100,31 @@ def _ray_stop() -> None:
 
 
 def run_study(arms: list[str], *, steps: int, noise: float, seed: int = 0, runs_dir: str = "runs",
-              smooth: int = 5, timeout_s: float = 900, **demo_kwargs) -> dict:
-    """Run each arm with the same seed, then draw them on one figure. Returns the study summary."""
+              smooth: int = 5, timeout_s: float = 900, trainer: str = "sync", warmup_batches: int | None = None,
+              **demo_kwargs) -> dict:
+    """Run each arm with the same seed, then draw them on one figure. Returns the study summary.
+
+    ``trainer="colocate_async"``: every arm under verl's V1 asynchronous trainer (stale rollouts; ``warmup_batches``
+    overrides the demo's number of batches generated ahead)."""
     t0 = time.time()
-    tag = f"study-noise{noise:g}-s{steps}-seed{seed}"
+    stale = "" if trainer == "sync" else f"-{trainer}" + ("" if warmup_batches is None else f"-w{warmup_batches}")
+    tag = f"study{stale}-noise{noise:g}-s{steps}-seed{seed}"
     out_dir = os.path.join(ROOT, runs_dir, tag) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, tag)
     os.makedirs(out_dir, exist_ok=True)
-    summary = {"tag": tag, "steps": steps, "noise": noise, "seed": seed, "arms": {}}
+    summary = {"tag": tag, "steps": steps, "noise": noise, "seed": seed, "trainer": trainer,
+               "warmup_batches": warmup_batches, "arms": {}}
+    more = () if warmup_batches is None else (f"trainer.v1.colocate_async.num_warmup_batches={warmup_batches}",)
     paths = {}
     for i, arm in enumerate(arms):
         label, loss, extra = arm_settings(arm)
         print(f"[study] arm {i + 1}/{len(arms)}: {arm} ({label}); {time.time() - t0:.0f} s elapsed", flush=True)
         _ray_stop()
         run = run_demo(loss=loss, steps=steps, seed=seed, run_name=arm, runs_dir=out_dir,
-                       extra_overrides=extra, extra_env={"DPPO_ROLLOUT_WEIGHT_NOISE": f"{noise:g}"},
-                       timeout_s=timeout_s, **demo_kwargs)
+                       extra_overrides=extra + more, extra_env={"DPPO_ROLLOUT_WEIGHT_NOISE": f"{noise:g}"},
+                       timeout_s=timeout_s, trainer=trainer, **demo_kwargs)
         paths[label] = os.path.join(os.path.dirname(run["plot"]), "metrics.jsonl")
-        summary["arms"][arm] = {"label": label, "loss": loss, "overrides": list(extra), "wall_s": run["wall_s"],
-                                **summarize(paths[label])}
+        summary["arms"][arm] = {"label": label, "loss": loss, "overrides": list(extra + more), "wall_s": run["wall_s"],
+                                "staleness_max": run.get("staleness_max"), **summarize(paths[label])}
     summary["wall_s"] = round(time.time() - t0, 1)
     summary["plot"] = plot_study(summary, paths, os.path.join(out_dir, "study.png"), smooth)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
@@ -139,13 +146,20 @@ def main(argv=None) -> None:
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--timeout", type=float, default=900, help="hard limit per arm, seconds")
     ap.add_argument("--replot", metavar="DIR", help="only redraw DIR/study.png from a finished study")
+    ap.add_argument("--trainer", default="sync", choices=["sync", "colocate_async"],
+                    help="colocate_async: every arm trains on stale rollouts (verl's V1 asynchronous trainer)")
+    ap.add_argument("--warmup-batches", type=int, default=None,
+                    help="colocate_async: rollout batches generated ahead of training (more = staler rollouts)")
     a = ap.parse_args(argv)
     if a.replot:
         print(replot(a.replot))
         return
     if a.noise < 0:
         ap.error("--noise must be >= 0")
-    run_study(a.arms, steps=a.steps, noise=a.noise, seed=a.seed, lr=a.lr, runs_dir=a.runs_dir, timeout_s=a.timeout)
+    if a.warmup_batches is not None and (a.trainer != "colocate_async" or a.warmup_batches < 1):
+        ap.error("--warmup-batches needs --trainer colocate_async and a value >= 1")
+    run_study(a.arms, steps=a.steps, noise=a.noise, seed=a.seed, lr=a.lr, runs_dir=a.runs_dir, timeout_s=a.timeout,
+              trainer=a.trainer, warmup_batches=a.warmup_batches)
 
 
 if __name__ == "__main__":
