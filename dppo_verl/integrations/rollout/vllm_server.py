@@ -83,7 +83,7 @@ def topk_arrays_from_flat(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     exceed K), then ranks 1..K in order (vllm/logprobs.py ``append_logprobs_for_next_position``). We read the
     flat lists with numpy instead of building G dicts of K+1 ``Logprob`` objects; the layout is checked, not
     assumed: any other rank pattern raises. vLLM always returns K+1 entries (K at most the model's vocabulary, see
-    :func:`check_k_fits_vocabulary`); ranks without a samplable token carry -inf and become id 0 / -inf padding.
+    :func:`_check_k_fits`); ranks without a samplable token carry -inf and become id 0 / -inf padding.
     """
     starts = np.asarray(flat.start_indices, dtype=np.int64)
     ends = np.asarray(flat.end_indices, dtype=np.int64)
