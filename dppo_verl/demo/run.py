@@ -160,16 +160,30 @@ def _launch(cmd: list[str], env: dict, log_path: str, resumed_from: int | None =
 
 
 def _kill(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the trainer's process group and to every process it started: some of Ray's
+    workers run in process groups of their own (same session), which a group signal alone would leave behind."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            pass
+        for child in tree:
+            try:
+                child.send_signal(sig)
+            except psutil.Error:
+                pass
         try:
             proc.wait(timeout=15)
-            return
         except subprocess.TimeoutExpired:
             continue
+        if not psutil.wait_procs(tree, timeout=15)[1]:
+            return
 
 
 def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: int = 50, seed: int = 0, lr: float = 5e-4,
