@@ -2,7 +2,9 @@
 #             (vLLM CPU rollouts with top-K logprobs, FSDP actor, DPPO loss); leaves runs/<run>/{metrics.jsonl,*.png}.
 #             Knobs: STEPS, LOSS (dppo_tv_topk|dppo_kl_topk|dppo_tv_binary|dppo_kl_binary|vanilla), K, SEED, LR,
 #             ENGINE (fsdp | megatron: verl's Megatron engine, tensor parallel 2 over gloo),
-#             TRAINER (sync | colocate_async: verl's V1 async trainer, rollouts one policy version stale).
+#             TRAINER (sync | colocate_async: verl's V1 async trainer, rollouts one policy version stale),
+#             SAVE_FREQ (checkpoint every N steps into runs/<run>/checkpoints), RESUME=1 (continue the run of the
+#             same options from its last checkpoint, after a crash; metrics.jsonl keeps the earlier attempts).
 # make compare : LOSSES (default "dppo_tv_topk vanilla") x ENGINES (default ENGINE) on the same seed, one plot.
 # make study : the paper's sanity test in miniature (~25 min on 2 cores): PG + IS without a trust region, GRPO ratio
 #              clipping, DPPO binary and Top-K on the same seed; NOISE=sigma adds rollout weight noise (0: natural gap).
@@ -29,7 +31,10 @@ SEED   ?= 0
 LR     ?= 5e-4
 STUDY_STEPS ?= 24
 NOISE  ?= 0
-DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR) --engine $(ENGINE) --trainer $(TRAINER)
+SAVE_FREQ ?= -1
+RESUME ?=
+DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR) --engine $(ENGINE) --trainer $(TRAINER) \
+            --save-freq $(SAVE_FREQ)
 
 .PHONY: venv demo compare study rehearse test bench clean-venv
 
@@ -50,7 +55,7 @@ $(STAMP): $(REQ) pyproject.toml
 	touch $@
 
 demo: venv
-	$(PY) -m dppo_verl.demo run --loss $(LOSS) $(DEMO_ARGS)
+	$(PY) -m dppo_verl.demo run --loss $(LOSS) $(DEMO_ARGS) $(if $(RESUME),--resume,)
 
 compare: venv
 	$(PY) -m dppo_verl.demo compare --losses $(LOSSES) --engines $(ENGINES) $(DEMO_ARGS)

@@ -36,6 +36,7 @@ ROLLOUT_NUM_TOPK = f"{ROLLOUT}.custom.{NUM_TOPK_CUSTOM}"
 ALLOW_TRUNCATED_SAMPLING = f"{ROLLOUT}.custom.dppo_allow_truncated_sampling"
 CALCULATE_LOG_PROBS = f"{ROLLOUT}.calculate_log_probs"
 EXTERNAL_LIB = "actor_rollout_ref.model.external_lib"
+MODEL_PATH = "actor_rollout_ref.model.path"
 RAY_ENV_VARS = "ray_kwargs.ray_init.runtime_env.env_vars"
 
 DEFAULT_NUM_TOPK = 20  # K of the paper's runs

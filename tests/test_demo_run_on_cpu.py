@@ -31,3 +31,32 @@ def test_unknown_trainer_is_refused_by_name():
     assert trainer_overrides("sync") == []
     with pytest.raises(ValueError, match="TRAINER='separate_async' is not one of sync, colocate_async"):
         trainer_overrides("separate_async")
+
+
+def test_kill_reaches_a_child_in_its_own_process_group():
+    """Some of Ray's workers leave the trainer's process group: the runner's kill (timeout, Ctrl-C) must reach them
+    too, or they outlive the run and hold the machine's cores."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from dppo_verl.demo.run import _kill
+
+    grandchild = "import os, time; os.setpgid(0, 0); time.sleep(600)"
+    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+            "print(c.pid, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(proc.stdout.readline())
+    deadline = time.time() + 30
+    while os.getpgid(child) != child:  # the grandchild has left the group
+        assert time.time() < deadline
+        time.sleep(0.05)
+    _kill(proc)
+    assert proc.poll() is not None
+    try:
+        assert psutil.Process(child).status() == psutil.STATUS_ZOMBIE  # dead, waiting for init to reap it
+    except psutil.NoSuchProcess:
+        pass

@@ -125,3 +125,25 @@ def test_multi_turn_detected_the_way_verl_selects_the_agent_loop(tmp_path):
         check_config(_compose(TOPK, K20, "actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent"))
     check_config(_compose(BINARY, f"data.train_files={tool}"))  # binary modes run with the tool agent
     check_config(_compose(TOPK, K20, "actor_rollout_ref.rollout.multi_turn.enable=True"))  # verl ignores the flag
+
+
+def test_topk_above_a_local_models_vocabulary_is_refused(tmp_path):
+    """vLLM's engine core dies on K above the model's vocabulary (torch.topk "selected index k out of range"): the
+    launcher reads vocab_size from a local model folder's config.json and refuses, naming the key and the limit. A
+    hub id cannot be read before the workers start: it passes here (the rollout server checks at its first request)."""
+    from dppo_verl.launch.rules import check_config
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 16}')
+    small = _compose(TOPK, K20, f"actor_rollout_ref.model.path={model}")
+    with pytest.raises(ValueError, match=r"dppo_num_topk=20 exceeds the model's vocabulary of 16 ids \(vocab_size in "
+                                         + str(model).replace(".", r"\.") + r"/config\.json\).*at most 16"):
+        check_config(small)
+    (model / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 20}')
+    check_config(_compose(TOPK, K20, f"actor_rollout_ref.model.path={model}"))  # K = V: every id is a candidate
+    (model / "config.json").write_text('{"model_type": "llava", "text_config": {"vocab_size": 16}}')
+    with pytest.raises(ValueError, match=r"vocabulary of 16 ids"):  # multimodal configs nest the text model's size
+        check_config(_compose(TOPK, K20, f"actor_rollout_ref.model.path={model}"))
+    check_config(_compose(TOPK, K20, "actor_rollout_ref.model.path=Qwen/Qwen2.5-0.5B-Instruct"))  # a hub id
+    check_config(_compose(BINARY, f"actor_rollout_ref.model.path={model}"))  # binary modes ask for no top-K

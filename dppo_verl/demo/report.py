@@ -52,6 +52,15 @@ def _parse_lines(lines) -> list[dict]:
     return out
 
 
+def latest_per_step(records: list[dict]) -> list[dict]:
+    """One record per step and kind (training: has the reward; validation-only), the last one logged: a step trained
+    again by a resumed run (:mod:`.resume`) supersedes the killed attempt's. In step order."""
+    last = {}
+    for rec in records:
+        last[(int(rec["step"]), REWARD in rec["data"])] = rec
+    return [last[key] for key in sorted(last)]
+
+
 class _Tail:
     """Incremental reader of a jsonl that grows, and may not exist yet or be truncated by a new run."""
 
@@ -244,7 +253,7 @@ def plot_run(metrics_jsonl: str, out_png: str, title: str | None = None) -> dict
 
     Returns ``{panel title: [metric keys drawn]}`` (empty list: the panel says "not logged").
     """
-    records = read_records(metrics_jsonl)
+    records = latest_per_step(read_records(metrics_jsonl))
     plt, fig, axes = _new_figure(title)
     drawn = {}
     for ax, panel in zip(axes, _PANELS):

@@ -7,11 +7,14 @@ process group under a hard timeout (a Ray resource shortage hangs silently), pri
 from verl's ``file`` logger (:mod:`.report`) and leaves, under ``runs/<run>/``:
 
 * ``metrics.jsonl`` - verl's metrics per step (``{"step": n, "data": {...}}``);
-* ``train.log`` - the trainer's full output; ``command.txt`` - the exact command;
+* ``train.log`` - the trainer's full output; ``command.txt`` - the exact command (one per start);
+* with ``--save-freq N``: ``checkpoints/`` (verl's), and ``--resume`` continues from the last one; each trainer
+  start logs to ``attempts/metrics-<n>.jsonl``, concatenated into ``metrics.jsonl`` (:mod:`.resume`);
 * ``<run>.png`` - reward, masked fraction by advantage sign, mean divergence and mean |pi - mu| per step;
 * ``summary.json`` - wall time, peak memory (PSS) of the process tree, reward at the first and last step.
 
   python -m dppo_verl.demo run --steps 50 --loss dppo_tv_topk --k 20 [--engine megatron] [--trainer colocate_async]
+  python -m dppo_verl.demo run --steps 50 --save-freq 10 [--resume]   # after a crash: the same options + --resume
   python -m dppo_verl.demo compare --losses dppo_tv_topk vanilla --steps 50
   python -m dppo_verl.demo compare --losses dppo_tv_topk --engines fsdp megatron
 """
@@ -29,7 +32,9 @@ import time
 
 from ..contract import CPU_PLATFORM, DEFAULT_NUM_TOPK, ENV_PLATFORM
 from . import report
+from . import resume as resume_mod
 from .assets import build_all
+from .resume import resume_overrides
 
 __all__ = ["demo_overrides", "run_demo", "compare", "main", "LOSSES"]
 
@@ -81,7 +86,7 @@ def engine_overrides(engine: str, *, mini_samples: int) -> tuple[list[str], list
 
 def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr: float, batch: int, n: int,
                    minibatches: int, response_length: int, run_dir: str, engine: str = "fsdp",
-                   trainer: str = "sync") -> list[str]:
+                   trainer: str = "sync", save_freq: int = -1, resume: bool = False) -> list[str]:
     """verl overrides for a CPU run. Each CPU-specific line answers a failure found on a 2-core, GPU-less box.
     Hydra's ``--config-name`` (Megatron) comes first in the list."""
     A, R = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
@@ -112,8 +117,8 @@ def demo_overrides(assets: dict, *, loss: str, k: int, steps: int, seed: int, lr
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "trainer.nnodes=1", f"trainer.total_training_steps={steps}",
         "trainer.total_epochs=1000", "trainer.logger=[console,file]", "trainer.val_before_train=False",
-        "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.project_name=dppo_demo",
-        f"trainer.default_local_dir={os.path.join(run_dir, 'checkpoints')}",
+        "trainer.test_freq=-1", "trainer.project_name=dppo_demo", *resume_overrides(save_freq, resume),
+        f"trainer.default_local_dir={os.path.join(run_dir, resume_mod.CHECKPOINTS)}",
         f"hydra.run.dir={os.path.join(run_dir, 'hydra')}",  # not ./outputs/<date> in the repo
     ]
 
@@ -145,34 +150,53 @@ def _watch_memory(pid: int, stop: threading.Event, peak: list) -> None:
         peak[0] = max(peak[0], _tree_memory(pid))
 
 
-def _launch(cmd: list[str], env: dict, log_path: str) -> subprocess.Popen:
-    log = open(log_path, "w")
+def _launch(cmd: list[str], env: dict, log_path: str, resumed_from: int | None = None) -> subprocess.Popen:
+    log = open(log_path, "a" if resumed_from else "w")
+    if resumed_from:  # the killed attempt's output stays above this line
+        log.write(f"\n{resume_mod.RESUME_MARK} after the checkpoint of step {resumed_from} ====\n")
+        log.flush()
     # Own session: on timeout or Ctrl-C the whole tree (Ray, vLLM, workers) is killed together.
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
 
 def _kill(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the trainer's process group and to every process it started: some of Ray's
+    workers run in process groups of their own (same session), which a group signal alone would leave behind."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            pass
+        for child in tree:
+            try:
+                child.send_signal(sig)
+            except psutil.Error:
+                pass
         try:
             proc.wait(timeout=15)
-            return
         except subprocess.TimeoutExpired:
             continue
+        if not psutil.wait_procs(tree, timeout=15)[1]:
+            return
 
 
 def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: int = 50, seed: int = 0, lr: float = 5e-4,
              batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int = 12, run_name: str | None = None,
              runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500,
              extra_overrides: tuple[str, ...] = (), extra_env: dict | None = None, engine: str = "fsdp",
-             trainer: str = "sync") -> dict:
+             trainer: str = "sync", save_freq: int = -1, resume: bool = False) -> dict:
     """One training run; returns the summary (also written to ``runs/<run>/summary.json``).
 
     ``extra_overrides`` go after the demo's own (the later value wins in Hydra), ``extra_env`` into the trainer's
-    environment (inherited by the local Ray cluster's workers).
+    environment (inherited by the local Ray cluster's workers). ``save_freq`` > 0 checkpoints every that many steps
+    into ``runs/<run>/checkpoints``; ``resume`` continues the run of this name from its last complete checkpoint
+    with the same overrides, keeping ``metrics.jsonl`` and ``train.log`` (:mod:`.resume`).
     """
     if loss not in LOSSES:
         raise ValueError(f"LOSS={loss!r} is not one of {', '.join(LOSSES)}")
@@ -184,30 +208,43 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
     name = run_name or f"{loss}{tags}-s{steps}-seed{seed}"
     run_dir = os.path.join(ROOT, runs_dir, name) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, name)
     os.makedirs(run_dir, exist_ok=True)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        os.remove(metrics)
     overrides = demo_overrides(assets, loss=loss, k=k, steps=steps, seed=seed, lr=lr, batch=batch, n=n,
                                minibatches=minibatches, response_length=response_length, run_dir=run_dir,
-                               engine=engine, trainer=trainer)
+                               engine=engine, trainer=trainer, save_freq=save_freq, resume=resume)
     overrides += list(extra_overrides)
+    attempt_metrics, from_step = resume_mod.prepare_run_dir(run_dir, overrides, resume)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
     cmd = [sys.executable, "-m", "dppo_verl.train", *overrides, f"trainer.experiment_name={name}"]
-    with open(os.path.join(run_dir, "command.txt"), "w") as f:
+    with open(os.path.join(run_dir, "command.txt"), "a" if from_step else "w") as f:
         f.write(" \\\n  ".join(cmd) + "\n")
     # VERL_PLATFORM=cpu: the demo asks for dppo_verl's CPU platform explicitly (nothing selects it otherwise); Ray's
     # local workers inherit this environment.
-    env = {**os.environ, ENV_PLATFORM: CPU_PLATFORM, "VERL_FILE_LOGGER_PATH": metrics, "VLLM_CPU_KVCACHE_SPACE": "1",
-           "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
+    env = {**os.environ, ENV_PLATFORM: CPU_PLATFORM, "VERL_FILE_LOGGER_PATH": attempt_metrics,
+           "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1",
+           "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     actor = "FSDP actor" if engine == "fsdp" else f"Megatron actor, TP={MEGATRON_TP}"
     actor += "" if trainer == "sync" else f", {trainer} trainer ({WARMUP_BATCHES} warm-up batch)"
     print(f"[demo] {loss}, {actor}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
+    if resume and not from_step:
+        print(f"[demo] --resume: no complete checkpoint in {run_dir}/checkpoints yet: starting from step 1", flush=True)
+    if from_step:
+        print(f"[demo] resuming after the checkpoint of step {from_step}: steps {from_step + 1}..{steps} "
+              f"(metrics.jsonl keeps the earlier attempts)", flush=True)
     print(f"[demo] starting verl (Ray, vLLM CPU server, {actor}): the first step takes ~1 min; "
           f"full log: {os.path.join(run_dir, 'train.log')}", flush=True)
-    proc = _launch(cmd, env, os.path.join(run_dir, "train.log"))
+    proc = _launch(cmd, env, os.path.join(run_dir, "train.log"), resumed_from=from_step)
+    rc, peak = _supervise(proc, attempt_metrics, metrics, steps, t0, timeout_s)
+    return _finish(run_dir, name, loss, steps, rc, t0, peak, timeout_s, trainer, from_step)
+
+
+def _supervise(proc, attempt_metrics: str, metrics: str, steps: int, t0: float, timeout_s: float) -> tuple:
+    """Wait for the trainer under the run's budget, printing its steps, mirroring its metrics into
+    ``metrics.jsonl`` and sampling memory; ``(exit code or None on timeout, peak PSS bytes)``."""
     stop, peak = threading.Event(), [0]
     mem = threading.Thread(target=_watch_memory, args=(proc.pid, stop, peak), daemon=True)
     mem.start()
-    reader = threading.Thread(target=report.follow, args=(metrics, steps, t0, stop),
+    mirror = resume_mod.MetricsMirror(attempt_metrics, metrics).start()
+    reader = threading.Thread(target=report.follow, args=(attempt_metrics, steps, t0, stop),
                               kwargs={"out": lambda s: print("[demo] " + s, flush=True)}, daemon=True)
     reader.start()
     try:
@@ -221,14 +258,15 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
         if proc.poll() is None:
             _kill(proc)
         stop.set()
+        mirror.stop()
         reader.join(timeout=10)
         mem.join(timeout=5)
-    return _finish(run_dir, name, loss, steps, rc, t0, peak[0], timeout_s, trainer)
+    return rc, peak[0]
 
 
-def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="sync") -> dict:
-    records = [r for r in report.read_records(os.path.join(run_dir, "metrics.jsonl"))
-               if report.REWARD in r["data"]]
+def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="sync", from_step=None) -> dict:
+    records = report.latest_per_step(report.read_records(os.path.join(run_dir, "metrics.jsonl")))
+    records = [r for r in records if report.REWARD in r["data"]]
     rewards = [r["data"][report.REWARD] for r in records]
     stale = [r["data"][report.STALENESS] for r in records if report.STALENESS in r["data"]]
     png = os.path.join(run_dir, f"{name}.png")
@@ -237,6 +275,7 @@ def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="
         report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on {where}")
     summary = {"run": name, "loss": loss, "trainer": trainer, "steps_requested": steps, "steps_logged": len(records),
                "exit_code": rc, "timed_out": rc is None, "wall_s": round(time.time() - t0, 1),
+               "resumed_from_step": from_step, "checkpointed_step": resume_mod.checkpointed_step(run_dir),
                "peak_pss_gb": round(peak_bytes / 2**30, 2), "reward_first": rewards[0] if rewards else None,
                "reward_last": rewards[-1] if rewards else None,
                "reward_first5_mean": sum(rewards[:5]) / len(rewards[:5]) if rewards else None,
@@ -289,13 +328,16 @@ def main(argv=None) -> None:
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--timeout", type=float, default=1500, help="hard limit for the whole run, seconds")
+    ap.add_argument("--save-freq", type=int, default=-1, help="checkpoint every N steps into runs/<run>/checkpoints")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run of this name from its last checkpoint (same options; keeps metrics.jsonl)")
     a = ap.parse_args(argv)
     common = dict(k=a.k, steps=a.steps, seed=a.seed, lr=a.lr, batch=a.batch, n=a.n, minibatches=a.minibatches,
-                  runs_dir=a.runs_dir, timeout_s=a.timeout, trainer=a.trainer)
+                  runs_dir=a.runs_dir, timeout_s=a.timeout, trainer=a.trainer, save_freq=a.save_freq)
     if a.command == "compare":
         compare(a.losses, engines=tuple(a.engines or [a.engine]), **common)
     else:
-        run_demo(loss=a.loss, run_name=a.run_name, engine=a.engine, **common)
+        run_demo(loss=a.loss, run_name=a.run_name, engine=a.engine, resume=a.resume, **common)
 
 
 if __name__ == "__main__":

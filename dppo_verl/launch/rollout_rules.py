@@ -3,7 +3,9 @@
 With top-p / top-k / min-p sampling or a repetition penalty the engine renormalises over a truncated or
 reshaped set, so its log-probs (the anchor mu of every DPPO mode) are biased against the trainer's
 full-vocabulary pi; "raw" logprobs ignore temperature. Top-K modes also need K logprobs per token, which vLLM
-caps at ``max_logprobs`` (20 by default). One function, called by the launcher before any worker starts.
+caps at ``max_logprobs`` (20 by default), and K at most the model's vocabulary (read here from a local model
+folder; a hub id is checked by the rollout server at its first request). One function, called by the launcher
+before any worker starts.
 
 Opt-out for the truncation rules (you accept a biased ratio and divergence):
 ``+actor_rollout_ref.rollout.custom.dppo_allow_truncated_sampling=True`` turns those errors into warnings.
@@ -11,15 +13,17 @@ Opt-out for the truncation rules (you accept a biased ratio and divergence):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 from ..knobs import parse_loss_mode
-from ..contract import ALLOW_TRUNCATED_SAMPLING, LOSS_MODE, ROLLOUT, ROLLOUT_NUM_TOPK
+from ..contract import ALLOW_TRUNCATED_SAMPLING, LOSS_MODE, MODEL_PATH, ROLLOUT, ROLLOUT_NUM_TOPK
+from ..integrations.rollout.topk_arrays import k_vocabulary_problem
 from .rules import select as _select
 
-__all__ = ["rollout_rule_violations", "check_rollout_config", "OPT_OUT_KEY", "agent_loops_in_use"]
+__all__ = ["rollout_rule_violations", "check_rollout_config", "OPT_OUT_KEY", "agent_loops_in_use", "model_vocab_size"]
 
 logger = logging.getLogger("dppo_verl")
 R = ROLLOUT
@@ -63,8 +67,25 @@ def rollout_rule_violations(config: Any) -> tuple[list[str], list[str]]:
                 f"{ROLLOUT_NUM_TOPK}={k} exceeds vLLM's max_logprobs={cap}: "
                 f"set +{R}.engine_kwargs.vllm.max_logprobs={k}"
             )
+    if parsed.is_topk and _select(config, ROLLOUT_NUM_TOPK) is not None:
+        path = _select(config, MODEL_PATH)
+        problem = k_vocabulary_problem(int(_select(config, ROLLOUT_NUM_TOPK)), model_vocab_size(path),
+                                       f"vocab_size in {path}/config.json")
+        errors += [problem] if problem else []
     errors += _sglang_problems(config)
     return errors, warnings
+
+
+def model_vocab_size(path: Any) -> Optional[int]:
+    """``vocab_size`` of a local HF model folder's ``config.json`` (or its ``text_config``); None when the path is
+    not a local folder (a hub id: the rollout server checks again at its first request)."""
+    cfg_path = os.path.join(os.path.expanduser(str(path)), "config.json") if path else ""
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    vocab = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    return None if vocab is None else int(vocab)
 
 
 def agent_loops_in_use(config) -> set[str]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ...contract import NUM_TOPK_CUSTOM, ROLLOUT_NUM_TOPK
 
-__all__ = ["requested_topk", "pad_topk_batch", "align_to_response"]
+__all__ = ["requested_topk", "pad_topk_batch", "align_to_response", "k_vocabulary_problem"]
 
 
 def requested_topk(rollout_config: Any) -> Optional[int]:
@@ -30,6 +30,21 @@ def requested_topk(rollout_config: Any) -> Optional[int]:
     if k < 1:
         raise ValueError(f"{ROLLOUT_NUM_TOPK} must be a positive integer, got {value!r}")
     return k
+
+
+def k_vocabulary_problem(k: int, vocab_size: Optional[int], where: str) -> Optional[str]:
+    """The refusal message when K exceeds the model's vocabulary (None when it fits or the size is unknown).
+
+    vLLM 0.27 takes ``torch.topk(logprobs, K)`` over the model's vocabulary: with ``max_logprobs >= K > V`` the
+    engine core dies ("selected index k out of range", EngineDeadError), otherwise the request is refused. K up to
+    V is served; ranks past the ids the engine samples from (verl masks ids >= len(tokenizer)) come back as -inf
+    and are padded (id 0 / -inf), which the loss treats as absent.
+    """
+    if vocab_size is None or k <= int(vocab_size):
+        return None
+    return (f"{ROLLOUT_NUM_TOPK}={k} exceeds the model's vocabulary of {int(vocab_size)} ids ({where}): the engine "
+            f"cannot return {k} candidates per token; set +{ROLLOUT_NUM_TOPK} (and policy_loss.num_topk) to at most "
+            f"{int(vocab_size)}")
 
 
 def pad_topk_batch(per_sample: Sequence[tuple[np.ndarray, np.ndarray]], length: int):

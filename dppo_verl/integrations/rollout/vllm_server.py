@@ -33,7 +33,7 @@ import numpy as np
 
 from ...contract import CALCULATE_LOG_PROBS, PATCHED_SOURCE_MARKER, TOPK_KEYS
 from ..patching import patch_attr, raise_if_drifted, record_applied, record_drift, source_has_marker, when_imported
-from .topk_arrays import requested_topk
+from .topk_arrays import k_vocabulary_problem, requested_topk
 
 __all__ = ["apply_vllm_server_topk", "MODULE", "topk_arrays_from_flat", "topk_arrays_from_vllm"]
 
@@ -64,7 +64,16 @@ def topk_arrays_from_vllm(step_logprobs: Sequence[Mapping[int, Any]], k: int) ->
             if 1 <= rank <= k:
                 ids[i, rank - 1] = token_id
                 lps[i, rank - 1] = lp.logprob
-    return ids, lps
+    return _pad_missing(ids, lps)
+
+
+def _pad_missing(ids: np.ndarray, logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks the engine could not fill with a samplable token come back with log-prob -inf (K above the number of
+    ids the engine samples from: verl masks ids >= len(tokenizer) and banned ids to -inf). They are stored as the
+    data contract's padding, id 0 / -inf, so every consumer sees one form of "no candidate" (the loss side drops
+    -inf slots, :func:`dppo_verl.ops.support.build_support`)."""
+    ids[np.isneginf(logp)] = 0
+    return ids, logp
 
 
 def topk_arrays_from_flat(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +82,8 @@ def topk_arrays_from_flat(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     With ``logprobs=K`` vLLM stores K+1 entries per position: the sampled token first (its own rank, which may
     exceed K), then ranks 1..K in order (vllm/logprobs.py ``append_logprobs_for_next_position``). We read the
     flat lists with numpy instead of building G dicts of K+1 ``Logprob`` objects; the layout is checked, not
-    assumed: any other rank pattern raises.
+    assumed: any other rank pattern raises. vLLM always returns K+1 entries (K at most the model's vocabulary, see
+    :func:`_check_k_fits`); ranks without a samplable token carry -inf and become id 0 / -inf padding.
     """
     starts = np.asarray(flat.start_indices, dtype=np.int64)
     ends = np.asarray(flat.end_indices, dtype=np.int64)
@@ -92,7 +102,7 @@ def topk_arrays_from_flat(flat: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"vLLM flat logprobs at position {bad} have ranks {ranks[bad].tolist()}, expected 1..{k}")
     ids = np.asarray(flat.token_ids, dtype=np.int32)[at]
     logp = np.asarray(flat.logprobs, dtype=np.float32)[at]
-    return np.ascontiguousarray(ids), np.ascontiguousarray(logp)
+    return _pad_missing(np.ascontiguousarray(ids), np.ascontiguousarray(logp))
 
 
 
@@ -189,6 +199,15 @@ def _ensure_engine_patched(engine) -> None:
         raise_if_drifted(("topk",), "rollout top-K (vLLM)")
 
 
+def _check_k_fits(engine, k: int) -> None:
+    """Refuse K above the model's vocabulary before the request reaches vLLM, whose engine core would die on it."""
+    model_config = getattr(engine, "model_config", None)
+    vocab = getattr(model_config, "get_vocab_size", lambda: None)()
+    problem = k_vocabulary_problem(k, vocab, "vLLM model_config.get_vocab_size()")
+    if problem:
+        raise ValueError(f"dppo_verl: {problem}")
+
+
 def _wrap_server_generate(orig):
     @functools.wraps(orig)
     async def generate(self, *args, **kwargs):
@@ -196,6 +215,7 @@ def _wrap_server_generate(orig):
         if k is None:
             return await orig(self, *args, **kwargs)
         _ensure_engine_patched(self.engine)
+        _check_k_fits(self.engine, k)
         req = _TopKRequest(k)
         # A task created inside ctx.run copies ctx (Python 3.10 has no create_task(context=)): the request state
         # is this task's alone.
