@@ -12,7 +12,7 @@ from conftest import make_actor_config
 from dppo_verl.config import DPPOPolicyLossConfig
 from dppo_verl.ops.consistency import MISMATCH, MISSING, TOPK_MU_ATOL, TOPK_MU_RTOL, VALID, topk_row_status
 from dppo_verl.ops.support import build_support
-from topk_batch import make_topk_batch, nested
+from topk_batch import hook_then_loss, make_topk_batch, nested
 
 NEG = float("-inf")
 
@@ -47,23 +47,8 @@ PROMPTS, RESPS = [3, 5, 2], [4, 2, 6]
 
 def _loss_through_verl(data, truth, mode="dppo_tv_topk"):
     """verl's ppo_loss twice, as the FSDP engine calls it: logits processor, then the loss with its model_output."""
-    import verl.workers.utils.losses as L
-    from verl.utils import tensordict_utils as tu
-
     cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode=mode, num_topk=K))
-    logits = truth["pi_logits"].float().unsqueeze(0)
-    out = L.ppo_loss(cfg, student_logits=logits, data=data)
-    cu = torch.tensor(truth["offsets"])
-    ids = data["input_ids"].values()
-    lp = torch.log_softmax(logits[0], -1).gather(-1, torch.roll(ids, -1)[:, None])[:, 0]
-    model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(lp, cu)}
-    for key, v in out.items():
-        model_output[key] = torch.nested.nested_tensor_from_jagged(v[0], cu)
-    data["old_log_probs"] = nested([torch.zeros(r) for r in RESPS])
-    data["advantages"] = nested([torch.ones(r) for r in RESPS])
-    n_tok = int(data["response_mask"].values().sum())
-    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=n_tok, global_batch_size=len(PROMPTS))
-    return L.ppo_loss(cfg, model_output, data)
+    return hook_then_loss(cfg, data, truth, [torch.ones(r) for r in RESPS])
 
 
 def _replace(data, key, sample, rows):

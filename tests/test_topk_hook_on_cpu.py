@@ -7,7 +7,7 @@ from dppo_verl.handoff import take_hook_checks
 
 from conftest import make_actor_config
 from dppo_verl.config import DPPOPolicyLossConfig
-from topk_batch import make_topk_batch, nested
+from topk_batch import hook_then_loss, make_topk_batch, nested
 
 V, K = 3000, 8
 PROMPTS, RESPS = [3, 5, 2], [4, 2, 6]
@@ -62,19 +62,7 @@ def test_hook_output_reaches_the_loss():
 
     data, truth = make_topk_batch(PROMPTS, RESPS, V, K, spread=1.5)
     cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", num_topk=K, delta_low=0.05, delta_high=0.05))
-    logits = truth["pi_logits"].float().unsqueeze(0)
-    out = _ppo_loss()(cfg, student_logits=logits, data=data)
-    cu = torch.tensor(truth["offsets"])
-    ids = data["input_ids"].values()
-    lp = torch.log_softmax(logits[0], -1).gather(-1, torch.roll(ids, -1)[:, None])[:, 0]
-    model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(lp, cu)}
-    for key, v in out.items():
-        model_output[key] = torch.nested.nested_tensor_from_jagged(v[0], cu)
-    data["old_log_probs"] = nested([torch.zeros(r) for r in RESPS])
-    data["advantages"] = nested([torch.randn(r) for r in RESPS])
-    n_tok = int(data["response_mask"].values().sum())
-    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=n_tok, global_batch_size=len(PROMPTS))
-    loss, metrics = _ppo_loss()(cfg, model_output, data)
+    loss, metrics = hook_then_loss(cfg, data, truth, [torch.randn(r) for r in RESPS])
     mask = truth["support_size"] > 0
     assert metrics["actor/dppo/divergence_mean"].aggregate() == pytest.approx(float(truth["div"]["tv"][mask].mean()), abs=ATOL)
     assert metrics["actor/dppo/divergence_max"].aggregate() == pytest.approx(float(truth["div"]["tv"][mask].max()), abs=ATOL)

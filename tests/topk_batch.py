@@ -98,3 +98,25 @@ def _dense(td, prompt_lens, resp_lens):
         attention_mask=attn, response_mask=pad(td["response_mask"], r_max), rollout_log_probs=pad(td["rollout_log_probs"], r_max),
         rollout_topk_ids=pad(td["rollout_topk_ids"], r_max), rollout_topk_logprobs=pad(td["rollout_topk_logprobs"], r_max, float("-inf")),
     )
+
+
+def hook_then_loss(cfg, data, truth, advantages):
+    """verl's ``ppo_loss`` twice, as the FSDP engine calls it: as the logits processor on ``truth["pi_logits"]``,
+    then as the loss with the model_output it returned (log pi(a_t) from the same logits). ``advantages``: one
+    ``[R_b]`` tensor per sample. Returns ``(loss, metrics)``."""
+    import verl.workers.utils.losses as L
+    from verl.utils import tensordict_utils as tu
+
+    logits = truth["pi_logits"].float().unsqueeze(0)  # [1, N, V], as FSDP hands it over
+    out = L.ppo_loss(cfg, student_logits=logits, data=data)
+    cu = torch.tensor(truth["offsets"])
+    ids = data["input_ids"].values()
+    lp = torch.log_softmax(logits[0], -1).gather(-1, torch.roll(ids, -1)[:, None])[:, 0]
+    model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(lp, cu)}
+    for key, v in out.items():
+        model_output[key] = torch.nested.nested_tensor_from_jagged(v[0], cu)
+    data["old_log_probs"] = nested([torch.zeros(len(a)) for a in advantages])
+    data["advantages"] = nested(advantages)
+    n_tok = int(data["response_mask"].values().sum())
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=n_tok, global_batch_size=len(advantages))
+    return L.ppo_loss(cfg, model_output, data)
