@@ -7,7 +7,7 @@ from dppo_verl.handoff import take_hook_checks
 
 from conftest import make_actor_config
 from dppo_verl.config import DPPOPolicyLossConfig
-from topk_batch import hook_then_loss, make_topk_batch, nested
+from topk_batch import hook_then_loss, make_topk_batch
 
 V, K = 3000, 8
 PROMPTS, RESPS = [3, 5, 2], [4, 2, 6]
