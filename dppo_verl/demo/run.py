@@ -223,7 +223,9 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
            "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1",
            "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     actor = "FSDP actor" if engine == "fsdp" else f"Megatron actor, TP={MEGATRON_TP}"
-    actor += "" if trainer == "sync" else f", {trainer} trainer ({WARMUP_BATCHES} warm-up batch)"
+    warmup = next((o.split("=", 1)[1] for o in reversed(extra_overrides)  # a later override wins, as in Hydra
+                   if o.startswith("trainer.v1.colocate_async.num_warmup_batches=")), WARMUP_BATCHES)
+    actor += "" if trainer == "sync" else f", {trainer} trainer ({warmup} warm-up batches ahead)"
     print(f"[demo] {loss}, {actor}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
     if resume and not from_step:
         print(f"[demo] --resume: no complete checkpoint in {run_dir}/checkpoints yet: starting from step 1", flush=True)
