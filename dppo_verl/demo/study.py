@@ -78,8 +78,11 @@ def plot_study(summary: dict, paths: dict[str, str], png: str, smooth: int = 5) 
     """One figure, one colour per arm (``paths``: legend label -> metrics jsonl)."""
     noise = summary["noise"]
     mismatch = "natural bf16 gap" if noise == 0 else f"natural gap + rollout weight noise sigma={noise:g}"
+    if summary.get("trainer", "sync") != "sync":  # stale rollouts: say how stale
+        ahead = summary.get("warmup_batches") or 1
+        mismatch += f", {summary['trainer']} ({ahead} batch{'es' if ahead > 1 else ''} ahead: stale rollouts)"
     report.plot_compare(paths, png, smooth=smooth,
-                        title=f"same seed, {summary['steps']} steps, {mismatch} (lines: {smooth}-step mean)")
+                        title=f"seed {summary.get('seed', 0)}, {summary['steps']} steps, {mismatch} (lines: {smooth}-step mean)")
     return png
 
 
