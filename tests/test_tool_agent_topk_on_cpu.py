@@ -163,6 +163,9 @@ def test_three_turns_with_a_tool_error_keep_every_turns_rows():
     server = _Server(tok, TURNS)
     out, d = _run(server, tok, response_length=64)
     assert len(server.calls) == 3 and out.num_turns == 1 + 3 + 2  # the prompt, 3 assistant turns, 2 tool turns
+    from dppo_verl.integrations.patching import APPLIED
+
+    assert APPLIED["rollout.tool_agent.generating"].ok and APPLIED["rollout.tool_agent.processing_tools"].ok
     mask = [1] * 5 + ECHO_CTX + [1] * 4 + ERROR_CTX + [1] * 2
     assert _assert_rows(d, mask, server.rows) == 9  # 11 generated tokens, 2 sampled outside the top-K
     error_turn = "<|im_start|> tool Error executing tool ' fail ': boom <|im_end|> <|im_start|> assistant"
