@@ -58,13 +58,15 @@ class _Server:
 
     def __init__(self, tok, turns, topk=(True, True, True)):
         self.turns = [[tok.convert_tokens_to_ids(t) for t in turn] for turn in turns]
-        self.topk, self.calls, self.rows = topk, [], []
+        self.topk, self.calls, self.rows, self.seen_as = topk, [], [], []
+        self.loop = None  # the agent loop, to see what it holds as server_manager during a call
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
         from verl.workers.rollout.replica import TokenOutput
 
         t = len(self.calls)
         self.calls.append(list(prompt_ids))
+        self.seen_as.append(self.loop.server_manager is self)
         tokens = self.turns[t]
         ids, logp, sampled = _rows(100 * (t + 1), tokens)
         self.rows.append((ids, logp))
@@ -89,7 +91,7 @@ def _tools():
             FunctionTool(name="fail", fn=fail, tool_schema=schema("fail"))]
 
 
-def _run(server, tok, response_length, builder=None):
+def _run(server, tok, response_length, builder=None, num_topk=K):
     """verl's ToolAgentLoop.run on one prompt ("hi"), then AgentLoopOutput.as_dict (both as patched)."""
     from omegaconf import OmegaConf
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
@@ -103,7 +105,8 @@ def _run(server, tok, response_length, builder=None):
     multi_turn = {"max_user_turns": 5, "max_assistant_turns": 5, "max_parallel_calls": 1,
                   "max_tool_response_length": 256, "tool_response_truncate_side": "middle", "format": "hermes"}
     cfg = OmegaConf.create({"actor_rollout_ref": {"rollout": {
-        "multi_turn": multi_turn, "prompt_length": 64, "response_length": response_length, "full_determinism": False}},
+        "multi_turn": multi_turn, "prompt_length": 64, "response_length": response_length, "full_determinism": False,
+        "custom": {} if num_topk is None else {"dppo_num_topk": num_topk}}},
         "data": {}})
 
     async def go():
@@ -111,6 +114,7 @@ def _run(server, tok, response_length, builder=None):
                              dataset_cls=None, data_config=DictConfigWrap(cfg.data), tools=ToolListWrap(_tools()))
         if builder is not None:
             loop.continuous_token_builder = builder(tok)
+        server.loop = loop
         out = await loop.run({"temperature": 1.0}, raw_prompt=[{"role": "user", "content": "hi"}])
         assert loop.server_manager is server  # the recorder stands in during a turn only
         return out
@@ -212,11 +216,14 @@ def test_builder_that_trims_a_generated_token_trims_its_row():
     _assert_rows(d, [1] * 4 + ECHO_CTX + [1] * 2, kept)
 
 
-def test_without_topk_the_trajectory_is_verls_own():
-    """Do no harm: no turn carries a top-K -> extra_fields as verl builds them (no rows, no marker)."""
+@pytest.mark.parametrize("num_topk", [None, K])
+def test_without_topk_the_trajectory_is_verls_own(num_topk):
+    """Do no harm: no top-K asked (binary modes, other losses) -> verl's handlers untouched (the server manager is
+    never stood in for); asked but no turn carries one -> extra_fields as verl builds them (no rows, no marker)."""
     tok = _tokenizer()
     server = _Server(tok, TURNS, topk=(False, False, False))
-    out, d = _run(server, tok, response_length=64)
+    out, d = _run(server, tok, response_length=64, num_topk=num_topk)
+    assert server.seen_as == [num_topk is None] * 3
     assert set(out.extra_fields) == {"max_global_steps", "turn_scores", "tool_rewards"}
     assert ROLLOUT_TOPK_IDS not in d and len(d["response_mask"]) == 29
 

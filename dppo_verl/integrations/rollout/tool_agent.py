@@ -20,7 +20,8 @@ into ``AgentLoopOutput``), with :data:`~dppo_verl.contract.TOPK_TURNS` (the numb
 that the rows cover every turn. The kept rows are then exactly one per ``response_mask == 1`` token, in order:
 :func:`.topk_arrays.align_to_response` (``as_dict``) puts them on those positions, gives tool tokens id 0 / -inf
 rows, and cuts them where verl cuts the response at ``response_length``. A trajectory without top-K (binary modes,
-other losses) leaves ``extra_fields`` as verl built it.
+other losses) leaves ``extra_fields`` as verl built it; a run whose rollout config asks for no top-K
+(``rollout.custom.dppo_num_topk`` unset: binary modes, other losses) runs verl's handlers as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 
 from ...contract import TOPK_KEYS, TOPK_TURNS
 from ..patching import patch_on_import
+from .topk_arrays import requested_topk
 
 __all__ = ["apply_tool_agent_topk", "MODULE"]
 
@@ -116,6 +118,8 @@ def _rows_of(agent_data) -> _Rows:
 def _wrap_generating(orig):
     @functools.wraps(orig)
     async def _handle_generating_state(self, agent_data, sampling_params, ignore_termination=False):
+        if requested_topk(self.rollout_config) is None:  # no top-K asked of the servers: verl's handler as is
+            return await orig(self, agent_data, sampling_params, ignore_termination=ignore_termination)
         rows, recorder = _rows_of(agent_data), _Recorder(self.server_manager)
         self.server_manager = recorder
         try:
@@ -134,6 +138,8 @@ def _wrap_generating(orig):
 def _wrap_processing_tools(orig):
     @functools.wraps(orig)
     async def _handle_processing_tools_state(self, agent_data):
+        if requested_topk(self.rollout_config) is None:
+            return await orig(self, agent_data)
         generated_before = sum(agent_data.response_mask)
         state = await orig(self, agent_data)
         rows = _rows_of(agent_data)
