@@ -114,7 +114,8 @@ def _run(server, tok, response_length, builder=None, num_topk=K):
                              dataset_cls=None, data_config=DictConfigWrap(cfg.data), tools=ToolListWrap(_tools()))
         if builder is not None:
             loop.continuous_token_builder = builder(tok)
-        server.loop = loop
+        if isinstance(server, _Server):
+            server.loop = loop
         out = await loop.run({"temperature": 1.0}, raw_prompt=[{"role": "user", "content": "hi"}])
         assert loop.server_manager is server  # the recorder stands in during a turn only
         return out
@@ -232,3 +233,55 @@ def test_a_turn_without_topk_among_turns_with_it_is_an_error():
     tok = _tokenizer()
     with pytest.raises(ValueError, match=r"1 of 2 assistant turns generated tokens without a rollout top-K"):
         _run(_Server(tok, TURNS, topk=(True, False, True)), tok, response_length=64)
+
+
+class _Remote:
+    """A Ray actor handle's method, as verl's client calls it: ``server.generate.remote(...)``."""
+
+    def __init__(self, fn):
+        self.remote = fn
+
+
+def test_turn_resumed_by_the_async_client_keeps_both_attempts_rows(monkeypatch):
+    """The V1 async trainers' client (verl's FullyAsyncLLMServerClient, wrapped by rollout/async_client.py) as the
+    tool agent's server manager: the second turn is aborted by a weight update after 2 tokens and resumed; its rows
+    are both attempts' rows, in order, between the first and third turns' rows."""
+    from omegaconf import OmegaConf
+    from verl.workers.rollout import llm_server
+    from verl.workers.rollout.replica import TokenOutput
+
+    from dppo_verl.integrations.rollout.async_client import apply_async_client_topk
+
+    apply_async_client_topk()
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(llm_server.asyncio, "sleep", lambda s, *a, **k: real_sleep(0))  # verl waits 1 s per resume
+    tok = _tokenizer()
+    ids_of = tok.convert_tokens_to_ids
+    attempts = [(TURNS[0], "completed"), (TURNS[1][:2], "aborted"), (TURNS[1][2:], "completed"),
+                (TURNS[2], "completed")]
+    scripted, rows = [], []
+    for a, (tokens, stop) in enumerate(attempts):
+        ids, logp, sampled = _rows(100 * (a + 1), [ids_of(t) for t in tokens])
+        rows.append((ids, logp))
+        scripted.append(TokenOutput(token_ids=[ids_of(t) for t in tokens], log_probs=sampled, stop_reason=stop,
+                                    extra_fields={"global_steps": 1 + (a >= 2), ROLLOUT_TOPK_IDS: ids,
+                                                  ROLLOUT_TOPK_LOGPROBS: logp}))
+
+    async def generate(*, request_id, prompt_ids, sampling_params, **kwargs):
+        return scripted.pop(0)
+
+    config = OmegaConf.create({"actor_rollout_ref": {"rollout": {"name": "vllm", "response_length": 64,
+                                                                 "full_determinism": False}}})
+    client = llm_server.FullyAsyncLLMServerClient(config=config, load_balancer_handle=None)
+
+    server = type("Server", (), {"generate": _Remote(generate)})()
+
+    async def acquire(request_id, **extra):
+        return "server-0", server
+
+    client._acquire_server = acquire
+    client._release_server = lambda server_id, request_id=None: None
+    out, d = _run(client, tok, response_length=64)
+    assert not scripted  # four attempts, three turns
+    assert _assert_rows(d, [1] * 5 + ECHO_CTX + [1] * 4 + ERROR_CTX + [1] * 2, rows) == 10  # 1 sampled outside
+

@@ -156,7 +156,7 @@ def _wrap_processing_tools(orig):
 def apply_tool_agent_topk() -> None:
     """Wrap the tool agent's two turn handlers when its module is imported (idempotent)."""
     patch_on_import(MODULE, "ToolAgentLoop._handle_generating_state", _wrap_generating,
-                    name="rollout.tool_agent.generating", signature="self, agent_data, sampling_params, ignore_termination=",
-                    needed_by="topk")
+                    name="rollout.tool_agent.generating",
+                    signature="self, agent_data, sampling_params, ignore_termination=", needed_by="topk")
     patch_on_import(MODULE, "ToolAgentLoop._handle_processing_tools_state", _wrap_processing_tools,
                     name="rollout.tool_agent.processing_tools", signature="self, agent_data", needed_by="topk")
