@@ -17,6 +17,8 @@ ROLLOUT_LOG_PROBS = "rollout_log_probs"  # [B, T] fp32 log mu(a_t) (verl's own k
 ROLLOUT_TOPK_IDS = "rollout_topk_ids"  # [B, T, K] int32, the engine's ranks 1..K, untouched
 ROLLOUT_TOPK_LOGPROBS = "rollout_topk_logprobs"  # [B, T, K] fp32, -inf where a rank is missing
 TOPK_KEYS = (ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS)
+# extra_fields only (popped before the batch): the tool agent's rows cover this many assistant turns
+TOPK_TURNS = "dppo_topk_turns"
 
 # --- model outputs, actor logits hook -> loss (per packed row, shaped like verl's log_probs) ------------------
 OUT_DIVERGENCE = "dppo_divergence"  # [N] D_t of the Top-K estimator

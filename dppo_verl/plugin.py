@@ -57,6 +57,7 @@ def _apply_integrations() -> None:
     from .integrations.rollout.agent_loop import apply_agent_loop_output_patch, apply_legacy_agent_loop_patch
     from .integrations.rollout.async_client import apply_async_client_topk
     from .integrations.rollout.sglang_server import apply_sglang_server_topk
+    from .integrations.rollout.tool_agent import apply_tool_agent_topk
     from .integrations.rollout.vllm_server import apply_vllm_server_topk
 
     apply_ppo_loss_wrapper()
@@ -66,6 +67,7 @@ def _apply_integrations() -> None:
     apply_agent_loop_output_patch()
     apply_legacy_agent_loop_patch()
     apply_async_client_topk()  # the V1 async trainers' resume loop keeps every attempt's top-K rows
+    apply_tool_agent_topk()  # the tool agent keeps every assistant turn's top-K rows, not the first turn's only
     apply_vllm_server_topk()
     apply_sglang_server_topk()
     apply_driver_validation()

@@ -109,7 +109,8 @@ def test_legacy_bypass_mode_would_replace_the_loss():
 
 def test_multi_turn_detected_the_way_verl_selects_the_agent_loop(tmp_path):
     """verl picks the loop from the data's agent_name column, else rollout.agent.default_agent_loop; it never reads
-    multi_turn.enable. Top-K modes refuse a multi-turn loop (the tool agent keeps the first turn's top-K only)."""
+    multi_turn.enable. Top-K modes run with single_turn_agent and tool_agent (every turn's top-K is carried,
+    test_tool_agent_topk_on_cpu.py) and refuse any other loop, which may keep some turns' top-K only."""
     import pandas as pd
 
     from dppo_verl.launch.rules import check_config
@@ -118,12 +119,16 @@ def test_multi_turn_detected_the_way_verl_selects_the_agent_loop(tmp_path):
     pd.DataFrame({"prompt": ["a", "b"], "agent_name": ["single_turn_agent", None]}).to_parquet(single)
     tool = tmp_path / "tool.parquet"
     pd.DataFrame({"prompt": ["a", "b"], "agent_name": ["single_turn_agent", "tool_agent"]}).to_parquet(tool)
+    custom = tmp_path / "custom.parquet"
+    pd.DataFrame({"prompt": ["a", "b"], "agent_name": ["tool_agent", "my_agent"]}).to_parquet(custom)
     check_config(_compose(TOPK, K20, f"data.train_files={single}", f"data.val_files={single}"))
-    with pytest.raises(ValueError, match=r"agent loops \['tool_agent'\] \(data column agent_name"):
-        check_config(_compose(TOPK, K20, f"data.train_files={tool}", f"data.val_files={single}"))
-    with pytest.raises(ValueError, match=r"agent loops \['tool_agent'\]"):
-        check_config(_compose(TOPK, K20, "actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent"))
-    check_config(_compose(BINARY, f"data.train_files={tool}"))  # binary modes run with the tool agent
+    check_config(_compose(TOPK, K20, f"data.train_files={tool}", f"data.val_files={single}"))
+    check_config(_compose(TOPK, K20, "actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent"))
+    with pytest.raises(ValueError, match=r"agent loops \['my_agent'\] \(data column agent_name"):
+        check_config(_compose(TOPK, K20, f"data.train_files={tool}", f"data.val_files={custom}"))
+    with pytest.raises(ValueError, match=r"agent loops \['my_agent'\]"):
+        check_config(_compose(TOPK, K20, "actor_rollout_ref.rollout.agent.default_agent_loop=my_agent"))
+    check_config(_compose(BINARY, f"data.train_files={custom}"))  # binary modes run with any loop
     check_config(_compose(TOPK, K20, "actor_rollout_ref.rollout.multi_turn.enable=True"))  # verl ignores the flag
 
 

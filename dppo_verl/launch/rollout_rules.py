@@ -29,7 +29,8 @@ logger = logging.getLogger("dppo_verl")
 R = ROLLOUT
 OPT_OUT_KEY = ALLOW_TRUNCATED_SAMPLING
 VLLM_DEFAULT_MAX_LOGPROBS = 20
-SINGLE_TURN_AGENTS = ("single_turn_agent",)
+# Agent loops whose Top-K data path is tested: one turn, or verl's tool agent (every turn's rows, rollout/tool_agent.py)
+TOPK_AGENT_LOOPS = ("single_turn_agent", "tool_agent")
 
 
 def _truncation_problems(config) -> list[str]:
@@ -115,12 +116,13 @@ def _agent_names_in(path: str, default: str) -> set[str]:
 
 
 def _multi_turn_problems(config, mode: str) -> list[str]:
-    multi = sorted(a for a in agent_loops_in_use(config) if a not in SINGLE_TURN_AGENTS)
-    if not multi:
+    other = sorted(a for a in agent_loops_in_use(config) if a not in TOPK_AGENT_LOOPS)
+    if not other:
         return []
-    return [f"{mode}: the agent loops {multi} (data column agent_name / {R}.agent.default_agent_loop) are multi-turn, "
-            "and verl 0.9.1's tool agent keeps only the first turn's top-K; use a binary mode (dppo_tv_binary) or "
-            f"single_turn_agent"]
+    return [f"{mode}: the agent loops {other} (data column agent_name / {R}.agent.default_agent_loop) are not among "
+            f"those whose rollout top-K is carried across turns {list(TOPK_AGENT_LOOPS)} (a multi-turn loop may keep "
+            "some turns' top-K only, e.g. the first turn's extra_fields); use a binary mode (dppo_tv_binary) or one "
+            "of those loops"]
 
 
 def _sglang_problems(config) -> list[str]:

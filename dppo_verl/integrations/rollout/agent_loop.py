@@ -21,7 +21,7 @@ import functools
 import numpy as np
 import torch
 
-from ...contract import ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS, TOPK_KEYS
+from ...contract import ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS, TOPK_KEYS, TOPK_TURNS
 from ..patching import patch_on_import
 from .topk_arrays import align_to_response
 
@@ -35,10 +35,12 @@ def _wrap_as_dict(orig):
     @functools.wraps(orig)
     def as_dict(self):
         output = orig(self)
-        found = _pop_topk(output.get("extra_fields") or {})
+        extra = output.get("extra_fields") or {}
+        found, all_turns = _pop_topk(extra), extra.pop(TOPK_TURNS, None) is not None
         if found is None:
             return output
-        _refuse_multi_turn(getattr(self, "num_turns", 0))
+        if not all_turns:  # the tool agent's wrapper (tool_agent.py) marks rows that cover every turn
+            _refuse_multi_turn(getattr(self, "num_turns", 0))
         ids, logp = align_to_response(*found, output["response_mask"].tolist())
         output[ROLLOUT_TOPK_IDS] = torch.from_numpy(ids)
         output[ROLLOUT_TOPK_LOGPROBS] = torch.from_numpy(logp)
@@ -48,13 +50,14 @@ def _wrap_as_dict(orig):
 
 
 def _refuse_multi_turn(num_turns: int) -> None:
-    """First-use twin of the launch rule (the ``agent_name`` column may be invisible at launch): verl 0.9.1's tool
-    agent keeps only the first turn's ``extra_fields``, so a multi-turn trajectory's top-K rows would not cover it."""
+    """First-use twin of the launch rule (the ``agent_name`` column may be invisible at launch): a multi-turn agent
+    loop other than ``tool_agent`` (whose turns :mod:`.tool_agent` collects) may keep some turns' top-K only, e.g.
+    the first turn's ``extra_fields``, and its rows would then not line up with the response."""
     if num_turns > 2:  # user + assistant is one turn pair; more means tool/observation turns in between
         raise ValueError(
-            f"Top-K DPPO got a multi-turn trajectory (num_turns={num_turns}): verl 0.9.1's tool agent keeps only the "
-            "first assistant turn's rollout top-K. Use a binary mode (dppo_tv_binary) with multi-turn agent loops, "
-            "or actor_rollout_ref.rollout.agent.default_agent_loop=single_turn_agent"
+            f"Top-K DPPO got a multi-turn trajectory (num_turns={num_turns}) from an agent loop other than "
+            "tool_agent, whose rollout top-K may cover only some assistant turns. Use a binary mode (dppo_tv_binary) "
+            "with that agent loop, or tool_agent / single_turn_agent"
         )
 
 
@@ -71,6 +74,8 @@ def _wrap_postprocess(orig):
     @functools.wraps(orig)
     def _postprocess(self, inputs, *args, **kwargs):
         found = [_pop_topk(inp.extra_fields) for inp in inputs]
+        for inp in inputs:  # the tool agent's marker (see as_dict) must not reach the non-tensor batch
+            inp.extra_fields.pop(TOPK_TURNS, None)
         output = orig(self, inputs, *args, **kwargs)
         if all(f is None for f in found):
             return output
