@@ -233,6 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all on cuda, CPU_PROVIDERS on cpu")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1, help="measure every provider this many times in turn (median)")
     p.add_argument("--no-pinned", action="store_true", help="CPU: skip the pinned memory process (memory then from "
                    "the normal process, which can hide freed temporaries; for dry runs)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/vocab_parallel_<device>.json)")
@@ -250,18 +251,7 @@ def main(argv=None) -> int:
     results = []
     for dtype in a.dtypes:
         for n in sizes:
-            for prov in providers:
-                reps = a.reps if n <= 2048 or prov != "reference" else max(3, a.reps // 2)
-                r = _subprocess(a.device, reps, prov, n, dtype, {})
-                r["speed_from"] = r["memory_from"] = "normal process"
-                if a.device == "cpu" and not a.no_pinned:  # memory from the pinned process; its speed kept, for comparison only
-                    pinned = _subprocess(a.device, reps, prov, n, dtype, _HONEST_MALLOC)
-                    r.update(extra_mib_unpinned=r["extra_mib"], extra_mib=pinned["extra_mib"],
-                             median_ms_pinned=pinned["median_ms"], memory_from="pinned process (" + _PIN + ")")
-                results.append(r)
-                pin = f" (pinned {r['median_ms_pinned']:.1f} ms)" if "median_ms_pinned" in r else ""
-                print(f"{dtype:9s} N={n:6d} {prov:11s} {r['median_ms']:10.1f} ms{pin}  extra {r['extra_mib']:9.1f} MiB"
-                      + (f"  err {r['max_abs_err_vs_fp64']:.1e}" if r["max_abs_err_vs_fp64"] is not None else ""), flush=True)
+            results += _measure_size(a, providers, n, dtype)
     summary = _ratios(results)
     for line in summary:
         print(line)
@@ -278,6 +268,34 @@ def main(argv=None) -> int:
 
 _HONEST_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 _PIN = "MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0"
+
+
+def _measure_size(a, providers, n: int, dtype: str) -> list:
+    """Every provider at one (N, dtype), ``--rounds`` times in turn: a fresh process per measurement, and the median
+    over rounds of each process's median (on shared cores, the rounds spread other load over the providers)."""
+    runs = {p: [] for p in providers}
+    for _ in range(a.rounds):
+        for prov in providers:
+            reps = a.reps if n <= 2048 or prov != "reference" else max(3, a.reps // 2)
+            r = _subprocess(a.device, reps, prov, n, dtype, {})
+            r["speed_from"] = r["memory_from"] = "normal process"
+            if a.device == "cpu" and not a.no_pinned:  # memory from the pinned process; its speed kept for comparison
+                pinned = _subprocess(a.device, reps, prov, n, dtype, _HONEST_MALLOC)
+                r.update(extra_mib_unpinned=r["extra_mib"], extra_mib=pinned["extra_mib"],
+                         median_ms_pinned=pinned["median_ms"], memory_from="pinned process (" + _PIN + ")")
+            runs[prov].append(r)
+    out = []
+    for prov, rs in runs.items():
+        r = dict(rs[0], rounds=len(rs))
+        for key in ("median_ms", "median_ms_pinned", "extra_mib", "extra_mib_unpinned"):
+            if key in r:
+                r[key] = statistics.median(x[key] for x in rs)
+                r[key + "_per_round"] = [x[key] for x in rs]
+        out.append(r)
+        pin = f" (pinned {r['median_ms_pinned']:.1f} ms)" if "median_ms_pinned" in r else ""
+        print(f"{dtype:9s} N={n:6d} {prov:11s} {r['median_ms']:10.1f} ms{pin}  extra {r['extra_mib']:9.1f} MiB"
+              + (f"  err {r['max_abs_err_vs_fp64']:.1e}" if r["max_abs_err_vs_fp64"] is not None else ""), flush=True)
+    return out
 
 
 def _method(device: str) -> dict:

@@ -132,6 +132,13 @@ def mini_runner(paths) -> dict:
 
 
 def run_tests(runner: str, out_dir: str, timeout_s: float) -> dict:
+    try:
+        return _run_tests(runner, out_dir, timeout_s)
+    except subprocess.TimeoutExpired as e:  # reported, and the other stages still run
+        return dict(runner=runner, ok=False, counts={}, output_tail=f"timed out after {e.timeout:.0f} s")
+
+
+def _run_tests(runner: str, out_dir: str, timeout_s: float) -> dict:
     if runner == "auto":
         runner = "pytest" if importlib.util.find_spec("pytest") else "mini"
     t0 = time.time()
@@ -254,8 +261,12 @@ def run_bench(device: str, sizes, providers, out_dir: str, reps: int, deadline: 
                "--dtypes", "bfloat16", "--providers", *providers, "--reps", str(reps), "--out", path]
         if device == "cpu":
             cmd.append("--no-pinned")  # a dry run checks the plumbing; the pinned memory process would double it
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(),
-                             timeout=max(10.0, deadline - time.time()))
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(),
+                                 timeout=max(10.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            skipped.append(f"N={n}: stopped at the time limit")
+            break
         t_last = time.time() - t0
         if res.returncode != 0:
             skipped.append(f"N={n}: failed: {res.stderr[-1500:]}")
