@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import itertools
 import json
 import os
