@@ -73,6 +73,7 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench_vocab_parallel.py
 	$(PY) benchmarks/bench_rollout_topk.py
+	$(PY) benchmarks/bench_actor_step.py
 
 clean-venv:
 	rm -rf $(VENV)

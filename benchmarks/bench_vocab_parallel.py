@@ -5,6 +5,9 @@ Providers:
   dppo        dppo_verl.ops.vocab_parallel_logprobs, compiled backend (the default)
   dppo_eager  the same op, eager row-chunked backend
   read_floor  logits.amax(-1): one read of the logits, the lower bound for any exact method
+  authors     the DPPO paper authors' approach, written here independently from its description (not their code):
+              torch.compile of a full fp32 log_softmax over [N, V], a gather at the K + 1 ids, and the top-K
+              probability sum with its rest bucket (1 - the support's mass)
   triton      the same op, backend="triton" (fused Triton kernel, dppo_verl.ops.kernels); GPU only
   dppo_sq     vocab_parallel_stats with the predictive statistic (sq_exclude = the K + 1 ids), compiled backend
   triton_sq   the same with backend="triton" (the statistic fused into the kernel's single read)
@@ -14,6 +17,14 @@ Providers:
               logprobs_from_logits forward + backward (flash-attn's cross-entropy when installed; here with
               inplace_backward=False, so both providers allocate the gradient: the engine passes True when
               no entropy is computed, which saves that N x V allocation, and so its memory is understated here); GPU only
+  eager_fwbw  the same without verl: our stage-1 stats (compiled) plus an eager fp32 log_softmax, gather of the label
+              and its backward (verl's path when flash-attn is not installed); runs anywhere, default on CUDA only
+
+Speed and memory come from different processes, and the JSON and the README say which: the speed (median_ms) from
+a normal process (glibc's default malloc, as a user runs), the memory (extra_mib) from a second process with glibc's
+mmap threshold pinned (below); the pinned process's own median (median_ms_pinned) and the normal process's memory
+(extra_mib_unpinned, which freed temporaries kept in the heap can hide) are recorded too. On CUDA both come from
+one normal process (the caching allocator's max_memory_allocated needs no pin).
 
 The triton and *_fwbw providers are skipped on CPU with a message: Triton's CPU interpreter is a correctness tool
 (tests/test_triton_kernel_on_cpu.py), not a speed measurement. The *_sq providers run by default on CUDA only.
@@ -49,18 +60,20 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 V_QWEN3 = 151936  # Qwen3 vocabulary
 K = 20
-PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "triton", "dppo_sq", "triton_sq", "fused_fwbw", "verl_fwbw")
-CPU_PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "triton")  # triton: skipped, with a message
+PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "authors", "triton", "dppo_sq", "triton_sq", "fused_fwbw",
+             "verl_fwbw", "eager_fwbw")
+CPU_PROVIDERS = ("reference", "dppo", "dppo_eager", "read_floor", "authors", "triton")  # triton: skipped, with a message
 GPU_ONLY = ("triton", "triton_sq", "fused_fwbw", "verl_fwbw")
 
 
 def _setup_vocab_parallel(n: int, v: int, k: int, dtype: torch.dtype, device: str, seed: int = 0):
     """Logits ``[N, V]`` and ``[N, K + 1]`` ids (top-K of the logits plus a random 'sampled' id)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: N = 32768 rows would take minutes on a CPU
     logits = torch.empty(n, v, dtype=dtype, device=device)
     for s in range(0, n, 256):  # fill in slices: no N x V fp32 temporary before the measurement
-        logits[s : s + 256] = (torch.randn(min(256, n - s), v, generator=g) * 3.0).to(dtype)
-    ids = torch.cat([logits[:, :4096].float().topk(k, dim=-1).indices, torch.randint(0, v, (n, 1), generator=g).to(device)], 1)
+        logits[s : s + 256] = (torch.randn(min(256, n - s), v, generator=g, device=device) * 3.0).to(dtype)
+    sampled = torch.randint(0, v, (n, 1), generator=g, device=device)
+    ids = torch.cat([logits[:, :4096].float().topk(k, dim=-1).indices, sampled], 1)
     return logits, ids
 
 
@@ -77,12 +90,36 @@ def _provider(name: str):
         "dppo": lambda x, i: vocab_parallel_logprobs(x, i, backend="compile"),
         "dppo_eager": lambda x, i: vocab_parallel_logprobs(x, i, backend="eager"),
         "read_floor": lambda x, i: x.amax(-1),
+        "authors": lambda x, i: _authors_compiled()(x, i)[0],
         "triton": lambda x, i: vocab_parallel_logprobs(x, i, backend="triton"),
         "dppo_sq": with_rest_sq("compile"),
         "triton_sq": with_rest_sq("triton"),
         "fused_fwbw": _fused_fwbw,
         "verl_fwbw": _verl_fwbw,
+        "eager_fwbw": _eager_fwbw,
     }[name]
+
+
+def _authors_style(logits, ids):
+    """Baseline: materialise log pi over the whole vocabulary in fp32, then read the K + 1 ids from it.
+
+    The last id is the sampled token, the first K the rollout's top-K; the rest bucket is what the support leaves
+    (the sampled token counted once when it is also in the top-K). Returns (log pi at the ids, rest mass)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    at = logp.gather(-1, ids)
+    p = at.exp()
+    sampled_in_topk = (ids[:, -1:] == ids[:, :-1]).any(-1)
+    support_mass = p[:, :-1].sum(-1) + torch.where(sampled_in_topk, 0.0, p[:, -1])
+    return at, (1.0 - support_mass).clamp_min(0.0)
+
+
+_AUTHORS = []
+
+
+def _authors_compiled():
+    if not _AUTHORS:  # one compiled function per process (each configuration runs in its own process)
+        _AUTHORS.append(torch.compile(_authors_style, dynamic=False))
+    return _AUTHORS[0]
 
 
 def _fused_fwbw(logits, ids):
@@ -104,6 +141,16 @@ def _verl_fwbw(logits, ids):
     x = logits.detach().requires_grad_(True)
     support = vocab_parallel_logprobs(x.detach(), ids, backend="compile")
     logprobs_from_logits(x, ids[:, -1], inplace_backward=False).sum().backward()
+    return support
+
+
+def _eager_fwbw(logits, ids):
+    """verl's option-off path without verl (no flash-attn): stage-1 stats, then an eager fp32 label pass + backward."""
+    from dppo_verl.ops.vocab_parallel import vocab_parallel_logprobs
+
+    x = logits.detach().requires_grad_(True)
+    support = vocab_parallel_logprobs(x.detach(), ids, backend="compile")
+    torch.log_softmax(x.float(), dim=-1).gather(-1, ids[:, -1:]).sum().backward()
     return support
 
 
@@ -131,7 +178,7 @@ def run_one(provider: str, n: int, dtype_name: str, device: str, reps: int) -> d
     fn = _provider(provider)
     out = fn(logits, ids)  # warm-up, compile
     err = None
-    if provider not in ("reference", "read_floor"):
+    if provider not in ("reference", "read_floor"):  # the authors' baseline is checked like ours
         rows = slice(0, min(n, 64))
         err = float((out[rows].double().cpu() - ref.logprobs_at(logits[rows].cpu(), ids[rows].cpu())).abs().max())
     del out
@@ -186,6 +233,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all on cuda, CPU_PROVIDERS on cpu")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1, help="measure every provider this many times in turn (median)")
+    p.add_argument("--no-pinned", action="store_true", help="CPU: skip the pinned memory process (memory then from "
+                   "the normal process, which can hide freed temporaries; for dry runs)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/vocab_parallel_<device>.json)")
     p.add_argument("--one", nargs=3, metavar=("PROVIDER", "N", "DTYPE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -201,20 +251,13 @@ def main(argv=None) -> int:
     results = []
     for dtype in a.dtypes:
         for n in sizes:
-            for prov in providers:
-                reps = a.reps if n <= 2048 or prov != "reference" else max(3, a.reps // 2)
-                r = _subprocess(a.device, reps, prov, n, dtype, {})
-                if a.device == "cpu":
-                    r["extra_mib"] = _subprocess(a.device, 1, prov, n, dtype, _HONEST_MALLOC)["extra_mib"]
-                results.append(r)
-                print(f"{dtype:9s} N={n:6d} {prov:11s} {r['median_ms']:10.1f} ms  extra {r['extra_mib']:9.1f} MiB"
-                      + (f"  err {r['max_abs_err_vs_fp64']:.1e}" if r["max_abs_err_vs_fp64"] is not None else ""), flush=True)
+            results += _measure_size(a, providers, n, dtype)
     summary = _ratios(results)
     for line in summary:
         print(line)
     doc = dict(benchmark="vocab_parallel_logprobs", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                device=a.device, machine=_machine(a.device), commit=_commit(), V=V_QWEN3, K=K, M=K + 1,
-               results=results, summary=summary)
+               method=_method(a.device), results=results, summary=summary)
     out = a.out or os.path.join(HERE, "results", f"vocab_parallel_{a.device}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
@@ -224,6 +267,44 @@ def main(argv=None) -> int:
 
 
 _HONEST_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+_PIN = "MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0"
+
+
+def _measure_size(a, providers, n: int, dtype: str) -> list:
+    """Every provider at one (N, dtype), ``--rounds`` times in turn: a fresh process per measurement, and the median
+    over rounds of each process's median (on shared cores, the rounds spread other load over the providers)."""
+    runs = {p: [] for p in providers}
+    for _ in range(a.rounds):
+        for prov in providers:
+            reps = a.reps if n <= 2048 or prov != "reference" else max(3, a.reps // 2)
+            r = _subprocess(a.device, reps, prov, n, dtype, {})
+            r["speed_from"] = r["memory_from"] = "normal process"
+            if a.device == "cpu" and not a.no_pinned:  # memory from the pinned process; its speed kept for comparison
+                pinned = _subprocess(a.device, reps, prov, n, dtype, _HONEST_MALLOC)
+                r.update(extra_mib_unpinned=r["extra_mib"], extra_mib=pinned["extra_mib"],
+                         median_ms_pinned=pinned["median_ms"], memory_from="pinned process (" + _PIN + ")")
+            runs[prov].append(r)
+    out = []
+    for prov, rs in runs.items():
+        r = dict(rs[0], rounds=len(rs))
+        for key in ("median_ms", "median_ms_pinned", "extra_mib", "extra_mib_unpinned"):
+            if key in r:
+                r[key] = statistics.median(x[key] for x in rs)
+                r[key + "_per_round"] = [x[key] for x in rs]
+        out.append(r)
+        pin = f" (pinned {r['median_ms_pinned']:.1f} ms)" if "median_ms_pinned" in r else ""
+        print(f"{dtype:9s} N={n:6d} {prov:11s} {r['median_ms']:10.1f} ms{pin}  extra {r['extra_mib']:9.1f} MiB"
+              + (f"  err {r['max_abs_err_vs_fp64']:.1e}" if r["max_abs_err_vs_fp64"] is not None else ""), flush=True)
+    return out
+
+
+def _method(device: str) -> dict:
+    if device == "cuda":
+        return dict(speed="median_ms: a normal process", memory="extra_mib: torch.cuda.max_memory_allocated above the "
+                    "allocated baseline, same process (torch.cuda.empty_cache is never called, and its cost is not measured)")
+    return dict(speed="median_ms: a normal process (default glibc malloc); median_ms_pinned: the pinned process",
+                memory=f"extra_mib: rise of VmHWM in a fresh process with {_PIN}; extra_mib_unpinned: the same in the "
+                       "normal process (freed temporaries kept in glibc's heap can hide there)")
 
 
 def _subprocess(device, reps, prov, n, dtype, env) -> dict:
@@ -248,7 +329,8 @@ def _ratios(results) -> list[str]:
         if floor is not None:
             line += f", {r['median_ms'] / floor['median_ms']:.2f}x the one-read floor"
         lines.append(line)
-    for base, fused in (("dppo", "triton"), ("dppo_sq", "triton_sq"), ("verl_fwbw", "fused_fwbw")):  # measured, not assumed
+    for base, fused in (("authors", "dppo"), ("authors", "triton"), ("dppo", "triton"), ("dppo_sq", "triton_sq"), ("verl_fwbw", "fused_fwbw"),
+                        ("eager_fwbw", "fused_fwbw")):  # measured, not assumed
         for (prov, n, dt), r in sorted(by.items()):
             b = by.get((base, n, dt))
             if prov == fused and b is not None:
