@@ -98,10 +98,6 @@ def _init_dist() -> None:
 
 def make_worker(model_dir: str, mode: str, n: int, micro: int):
     """verl's own ActorRolloutRefWorker from verl's Hydra config, as verl's trainer builds it."""
-    import verl
-    from hydra import compose, initialize_config_dir
-    from verl.workers.engine_workers import ActorRolloutRefWorker
-
     overrides = [
         f"actor_rollout_ref.model.path={model_dir}", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",
@@ -118,13 +114,9 @@ def make_worker(model_dir: str, mode: str, n: int, micro: int):
         overrides.append("actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig")
     if mode.endswith("topk"):
         overrides.append(f"+actor_rollout_ref.actor.policy_loss.num_topk={K}")
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
-                               version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=overrides)
-    torch.manual_seed(0)
-    worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
-    worker.init_model()
-    return worker
+    from fsdp_step import actor_worker  # tests/ is on sys.path
+
+    return actor_worker(overrides)
 
 
 def step(worker, samples: list, mode: str) -> float:

@@ -50,6 +50,22 @@ def _resign_ppo_loss() -> None:
     L.ppo_loss = ppo_loss
 
 
+def actor_worker(overrides: list[str]):
+    """verl's own ``ActorRolloutRefWorker`` (role actor) from verl's Hydra config with ``overrides``, initialised with
+    seed 0, as verl's trainer builds it (shared with ``benchmarks/bench_actor_step.py``)."""
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
+                               version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    torch.manual_seed(0)
+    worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
+    worker.init_model()
+    return worker
+
+
 def run(args) -> dict:
     port = socket.socket()
     port.bind(("127.0.0.1", 0))
@@ -57,7 +73,7 @@ def run(args) -> dict:
                       MASTER_PORT=str(port.getsockname()[1]))
     port.close()
     torch.set_num_threads(1)
-    import verl
+    import verl  # noqa: F401  (verl's plugin loading runs here: the plugin is installed, or not, from now on)
 
     if args.plugin == "cpu-only":
         assert "dppo_verl.plugin" not in sys.modules, "plugin loading was supposed to be off"
@@ -70,9 +86,7 @@ def run(args) -> dict:
             assert apply_cpu_support(), "VERL_PLATFORM=cpu must be set"
     else:
         assert "dppo_verl.plugin" in sys.modules, "verl's entry point did not load the plugin"
-    from hydra import compose, initialize_config_dir
     from verl.utils import tensordict_utils as tu
-    from verl.workers.engine_workers import ActorRolloutRefWorker
 
     samples = _batch()
     n = len(samples)
@@ -85,12 +99,7 @@ def run(args) -> dict:
         "actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
         "actor_rollout_ref.actor.optim.lr=1e-3",
     ]
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
-                               version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=overrides)
-    torch.manual_seed(0)
-    worker = ActorRolloutRefWorker(config=cfg.actor_rollout_ref, role="actor")
-    worker.init_model()
+    worker = actor_worker(overrides)
     fields = {k: torch.nested.as_nested_tensor([s[k] for s in samples], layout=torch.jagged) for k in samples[0]}
     fields["loss_mask"] = fields["response_mask"]
     extra = dict(calculate_entropy=False, distillation_use_topk=False, distillation_only=False, global_batch_size=n,

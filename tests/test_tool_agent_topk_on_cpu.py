@@ -177,31 +177,18 @@ def test_three_turns_with_a_tool_error_keep_every_turns_rows():
     assert tok.decode(d["responses"][15:27].tolist()).split() == error_turn.split()
 
 
-def test_response_cut_mid_turn_cuts_the_rows_the_same_way():
-    """response_length 13: the second turn (4 tokens) passes it; verl cuts the response after 2 of them."""
+@pytest.mark.parametrize("response_length,second_turn_kept", [
+    (13, 2),  # the second turn (4 tokens) passes the limit: verl cuts the response after 2 of them, rows too
+    (15, 4),  # the second turn fills it exactly (a length stop): no cut, no tool call run
+    (20, 4),  # the error message would pass it: verl ends the trajectory without merging it, no rows for it
+])
+def test_length_limit_cuts_rows_like_the_response(response_length, second_turn_kept):
+    """The response length limit mid-turn, exactly at a turn's end, and at a tool output: rows follow the mask."""
     tok = _tokenizer()
     server = _Server(tok, TURNS)
-    _, d = _run(server, tok, response_length=13)
+    _, d = _run(server, tok, response_length=response_length)
     assert len(server.calls) == 2
-    _assert_rows(d, [1] * 5 + ECHO_CTX + [1] * 2, server.rows)
-
-
-def test_final_turn_ending_at_the_length_limit():
-    """response_length 15: the second turn fills it exactly (a length stop); no cut, no tool call run."""
-    tok = _tokenizer()
-    server = _Server(tok, TURNS)
-    _, d = _run(server, tok, response_length=15)
-    assert len(server.calls) == 2
-    _assert_rows(d, [1] * 5 + ECHO_CTX + [1] * 4, server.rows)
-
-
-def test_tool_output_past_the_limit_is_dropped_with_no_rows():
-    """response_length 20: the error message would pass it, so verl ends the trajectory without merging it."""
-    tok = _tokenizer()
-    server = _Server(tok, TURNS)
-    _, d = _run(server, tok, response_length=20)
-    assert len(server.calls) == 2
-    _assert_rows(d, [1] * 5 + ECHO_CTX + [1] * 4, server.rows)
+    _assert_rows(d, [1] * 5 + ECHO_CTX + [1] * second_turn_kept, server.rows)
 
 
 def test_builder_that_trims_a_generated_token_trims_its_row():
