@@ -61,18 +61,20 @@ def current_handoff() -> Optional[HandOff]:
 # micro-batch instead of one per check. Checks that no loss takes (a forward-only call) are read at the latest
 # when _MAX_PENDING have piled up, never dropped.
 _PENDING = threading.local()
-_MAX_PENDING = 16
+_MAX_PENDING = 16  # hook calls whose checks no loss has taken (forward-only passes): then they are read on the spot
 
 
 def defer_hook_checks(checks: DeferredChecks) -> None:
+    """Queue one hook call's checks for the next loss read in this thread."""
     pending = _PENDING.__dict__.setdefault("items", DeferredChecks())
     pending.extend(checks)
-    if len(pending) > _MAX_PENDING * 16:  # ~16 checks per hook call: nobody read them for _MAX_PENDING calls
-        _PENDING.items = DeferredChecks()
-        pending.run()
+    _PENDING.calls = getattr(_PENDING, "calls", 0) + 1
+    if _PENDING.calls > _MAX_PENDING:
+        take_hook_checks().run()
 
 
 def take_hook_checks() -> Optional[DeferredChecks]:
     """The queued checks of the hook calls since the last take (None when there are none)."""
+    _PENDING.calls = 0
     pending = _PENDING.__dict__.pop("items", None)
     return pending if pending is not None and len(pending) else None

@@ -99,3 +99,29 @@ def test_apply_is_idempotent():
     apply_ppo_loss_wrapper()
     apply_ppo_loss_wrapper()
     assert L.ppo_loss is before and APPLIED["actor.ppo_loss"].ok
+
+
+def test_hook_checks_wait_for_the_loss_and_are_never_dropped():
+    """The hook's queued checks are read by the next loss; when no loss takes them (forward-only calls), they are read
+    on the spot after _MAX_PENDING calls, never dropped."""
+    import torch
+
+    from dppo_verl import handoff
+    from dppo_verl.ops.checks import DeferredChecks
+
+    def one(bad: bool) -> DeferredChecks:
+        c = DeferredChecks()
+        c.add(torch.tensor([False, bad]), lambda idx: f"bad at {idx}")
+        return c
+
+    handoff.defer_hook_checks(one(False))
+    handoff.defer_hook_checks(one(True))
+    taken = handoff.take_hook_checks()
+    assert len(taken) == 2 and handoff.take_hook_checks() is None
+    with pytest.raises(ValueError, match=r"bad at \[1\]"):
+        taken.read(torch.tensor([0.5]))
+    handoff.defer_hook_checks(one(True))
+    with pytest.raises(ValueError, match=r"bad at \[1\]"):
+        for _ in range(handoff._MAX_PENDING):
+            handoff.defer_hook_checks(one(False))
+    assert handoff.take_hook_checks() is None
