@@ -67,7 +67,7 @@ class DeferredChecks:
             parts.append(values.float())
         if not parts:
             return []
-        got = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()  # the one device read
+        got = torch.cat(parts).tolist()  # the one device read
         flags, rest = got[: len(self._items)], got[len(self._items):]
         for (bad, describe), hit in zip(self._items, flags):
             if hit:

@@ -61,6 +61,11 @@ def _row_outputs(logits: torch.Tensor, sup, mu, row_valid: torch.Tensor, knobs, 
     return _divergence_outputs(pi_logp, None, sup, mu, row_valid, knobs)
 
 
+def _flat_rows(laid: dict, n_lead: int) -> dict:
+    """The laid-out tensors with their ``n_lead`` leading (row) dims merged into one: ``[b, s, ...]`` -> ``[b * s, ...]``."""
+    return {k: v.reshape((-1,) + tuple(v.shape[n_lead:])) for k, v in laid.items()}
+
+
 def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, grad: bool,
                    checks) -> dict:
     """``policy_loss.fused_logprobs``: every row at once through one Triton pass that also yields verl's
@@ -71,7 +76,7 @@ def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vo
     handoff.require_triton(student_logits)
     labels = handoff.current_labels(student_logits)
     lead = tuple(student_logits.shape[:-1])
-    flat = {k: v.reshape((-1,) + tuple(v.shape[len(lead):])) for k, v in laid.items()}
+    flat = _flat_rows(laid, len(lead))
     row_valid = flat["row_valid"].bool()
     sup = build_support(flat["sampled"], flat["mu"], flat["topk_ids"], flat["topk_logp"], vocab_size=vocab,
                         num_topk=knobs.num_topk, row_valid=row_valid, checks=checks)
@@ -126,8 +131,7 @@ def _all_rows(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: 
     engines hand them over), else one pass per ``b`` (each ``logits[b]`` a 2-D view, never a copy)."""
     lead = tuple(student_logits.shape[:-1])
     if student_logits.is_contiguous():
-        slabs = [(student_logits.view(-1, student_logits.shape[-1]),
-                  {k: v.reshape((-1,) + tuple(v.shape[len(lead):])) for k, v in laid.items()})]
+        slabs = [(student_logits.view(-1, student_logits.shape[-1]), _flat_rows(laid, len(lead)))]
     else:
         slabs = [(student_logits[b], {k: v[b] for k, v in laid.items()}) for b in range(lead[0])]
     rows = []
