@@ -25,13 +25,16 @@ OUT_DIVERGENCE = "dppo_divergence"  # [N] D_t of the Top-K estimator
 OUT_SUPPORT_SIZE = "dppo_support_size"  # [N] valid support slots, 1..K + 1
 OUT_DDOT = "dppo_ddot"  # [N] D-dot_t, direction=predictive only
 OUT_TOPK_VALID = "dppo_topk_valid"  # [N] top-K row status: 1 valid, 0 missing, -1 log-prob != rollout_log_probs
-TOKEN_OUTPUT_KEYS = (OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_DDOT, OUT_TOPK_VALID)
+# [N] log(sum over never-sampled ids of exp(z)) - z(label): the trainer's mass on ids the rollout cannot sample
+OUT_EXCLUDED = "dppo_excluded_log_ratio"
+TOKEN_OUTPUT_KEYS = (OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_DDOT, OUT_TOPK_VALID, OUT_EXCLUDED)
 
 # --- config paths (verl's Hydra tree) ------------------------------------------------------------------------
 ACTOR = "actor_rollout_ref.actor"
 ROLLOUT = "actor_rollout_ref.rollout"
 POLICY_LOSS = f"{ACTOR}.policy_loss"
 LOSS_MODE = f"{POLICY_LOSS}.loss_mode"
+SAMPLED_IDS_KNOB = f"{POLICY_LOSS}.sampled_ids"  # which ids the rollout engine samples from (mu's normalisation)
 CONFIG_TARGET = "dppo_verl.config.DPPOPolicyLossConfig"  # policy_loss._target_ for the DPPO knobs
 NUM_TOPK_CUSTOM = "dppo_num_topk"  # key under rollout.custom: the K the rollout engine returns
 ROLLOUT_NUM_TOPK = f"{ROLLOUT}.custom.{NUM_TOPK_CUSTOM}"

@@ -8,7 +8,7 @@ the FSDP logits hook can only return per-token scalars. So the actor integration
 
 All tensors are per response token, ``[B, T]`` in the padded layout the policy loss receives.
 Batch / model-output keys (contract names): ``rollout_log_probs``, ``dppo_divergence``,
-``dppo_support_size``, ``dppo_ddot``, ``dppo_topk_valid``.
+``dppo_support_size``, ``dppo_ddot``, ``dppo_topk_valid``, ``dppo_excluded_log_ratio``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class HandOff:
     support_size: Optional[torch.Tensor] = None  # [B, T] dppo_support_size (valid slots, 1..K+1)
     ddot: Optional[torch.Tensor] = None  # [B, T] dppo_ddot (direction=predictive)
     topk_valid: Optional[torch.Tensor] = None  # [B, T] dppo_topk_valid (Top-K row status codes, ops.consistency)
+    # [B, T] dppo_excluded_log_ratio: log(mass on ids the rollout never samples / pi(a_t)) (ops.sampled_vocab)
+    excluded_log_ratio: Optional[torch.Tensor] = None
     # (b, t) -> the token's rollout data in words, for error messages (reads the micro-batch; error path only)
     describe_token: Optional[Callable[[int, int], str]] = None
     # the Top-K hook's queued data checks (rollout data, ids, finite logits), read with the loss's metrics

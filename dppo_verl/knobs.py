@@ -23,11 +23,12 @@ from .ops.mask import SEQ_AGGS
 from .ops.shapes import loss_shape_names
 
 __all__ = [
-    "ANCHORS", "DEFAULTS", "DIRECTIONS", "ESTIMATORS", "SEQ_AGGS", "DPPOKnobFields", "DPPOKnobs", "LossMode",
+    "ANCHORS", "DEFAULTS", "SAMPLED_IDS", "DIRECTIONS", "ESTIMATORS", "SEQ_AGGS", "DPPOKnobFields", "DPPOKnobs", "LossMode",
     "check_knob_values", "parse_loss_mode", "resolve_knobs",
 ]
 
 ANCHORS = ("rollout", "old")
+SAMPLED_IDS = ("vllm", "all")
 DIRECTIONS = ("sampled", "predictive")
 ESTIMATORS = ("binary", "topk")
 
@@ -53,6 +54,9 @@ class DPPOKnobFields:
         fused_logprobs: Top-K modes, experimental: the hook's Triton pass over the logits also yields verl's
             ``log_probs`` with their gradient, replacing the engine's own read
             (:mod:`dppo_verl.integrations.actor.fused_logprob`).
+        sampled_ids: the ids the rollout engine samples from, over which the trainer's log-probs are normalised
+            like mu (:mod:`dppo_verl.ops.sampled_vocab`): ``vllm`` (verl's vLLM server: ids below
+            ``len(tokenizer)``, vision placeholders excluded) or ``all`` (every head row, e.g. SGLang).
     """
 
     delta_low: Optional[float] = None
@@ -66,6 +70,7 @@ class DPPOKnobFields:
     cppo_w_min: float = 0.8
     cppo_delta_pre: float = 0.02
     fused_logprobs: bool = False
+    sampled_ids: str = "vllm"
 
 
 _KNOB_FIELDS = dataclasses.fields(DPPOKnobFields)
@@ -135,6 +140,7 @@ def _check_knobs(knobs: dict[str, Any]) -> None:
         ("cppo_delta_pre", lambda d: isinstance(d, (int, float)) and math.isfinite(d) and d >= 0.0,
          "a number >= 0 (prefix budget rate)"),
         ("fused_logprobs", lambda b: isinstance(b, bool), "true or false"),
+        ("sampled_ids", lambda v: v in SAMPLED_IDS, f"one of {list(SAMPLED_IDS)}"),
     )
     for key, ok, want in rules:
         if not ok(knobs[key]):

@@ -27,8 +27,8 @@ import torch
 
 from .knobs import DPPOKnobs, resolve_knobs
 from .contract import (
-    CALCULATE_LOG_PROBS, EXTERNAL_LIB, METRIC_PREFIX, OUT_DDOT, OUT_DIVERGENCE, OUT_TOPK_VALID, PLUGIN_MODULE,
-    ROLLOUT_LOG_PROBS, ROLLOUT_NUM_TOPK, TOPK_KEYS,
+    CALCULATE_LOG_PROBS, EXTERNAL_LIB, METRIC_PREFIX, OUT_DDOT, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_TOPK_VALID,
+    PLUGIN_MODULE, ROLLOUT_LOG_PROBS, ROLLOUT_NUM_TOPK, SAMPLED_IDS_KNOB, TOPK_KEYS,
 )
 from .handoff import HandOff, current_handoff
 from .integrations.patching import raise_if_drifted
@@ -36,6 +36,7 @@ from .ops.checks import DeferredChecks, check_shape, nonfinite_logprob_flags
 from .ops.consistency import VALID, describe_status
 from .ops.divergence import DivergenceSpec, add_registration_listener, divergence_names, get_divergence
 from .ops.mask import sequence_keep
+from .ops.sampled_vocab import log_kept_mass
 from .ops.shapes import LossShape, TokenView, add_shape_listener, get_loss_shape, loss_shape_names
 
 __all__ = [
@@ -89,6 +90,8 @@ def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float,
         "support_size": _mean(t["support_size"], mask),
         "ppo_kl": _mean(t["mu"] - t["log_prob"], mask),
     }
+    log_m = t.get("log_excluded_mass")  # ops.sampled_vocab: 0 when the rollout samples from every head row
+    m["excluded_mass_mean"] = _mean(torch.exp(log_m), mask) if log_m is not None else _mean(torch.zeros_like(mask), mask)
     if t.get("push") is not None:  # direction=predictive: where its direction disagrees with Eq. 12's pi - mu
         m["direction_flip_frac"] = _mean(torch.sign(t["push"].float()) != torch.sign(t["log_ratio"]), mask)
     if t.get("topk_valid") is not None:  # Top-K modes: each token's row checked by the hook (ops.consistency)
@@ -140,10 +143,13 @@ def compute_dppo_loss(
     topk_valid: Optional[torch.Tensor] = None,
     describe_token=None,
     checks: Optional[DeferredChecks] = None,
+    log_excluded_mass: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss (module docstring) and metrics from per-token tensors ``[B, T]`` (``divergence`` already computed).
     ``topk_valid``: the Top-K hook's row status codes (``dppo_topk_valid``); any invalid response token raises,
-    named through ``describe_token(b, t)`` when given. ``checks``: data checks to read with the metrics (one read)."""
+    named through ``describe_token(b, t)`` when given. ``checks``: data checks to read with the metrics (one read).
+    ``log_excluded_mass``: ``log m_t``, the trainer's mass on ids the rollout never samples (``log_prob`` already
+    normalised without them); None when there are none."""
     from verl.trainer.ppo.core_algos import agg_loss
 
     mask = response_mask.bool()
@@ -169,7 +175,7 @@ def compute_dppo_loss(
     )
     parts = dict(keep=shaped.keep, weight=weight, divergence=divergence, log_prob=lp, mu=mu, log_ratio=log_ratio,
                  advantages=advantages, seq_keep=seq_keep, push=push, topk_valid=topk_valid,
-                 describe_token=describe_token,
+                 describe_token=describe_token, log_excluded_mass=log_excluded_mass,
                  support_size=torch.ones_like(mu) if support_size is None else support_size)
     return pg_loss, _metrics(parts, mask, knobs.truncation_cap, checks)
 
@@ -209,6 +215,35 @@ def _topk_inputs(handoff: Optional[HandOff], knobs: DPPOKnobs, mode: str, shape)
                          "logits hook did not reach the loss")
     check_shape(OUT_TOPK_VALID, handoff.topk_valid, list(shape))
     return div, push, handoff.support_size, handoff.topk_valid
+
+
+def _sampled_normalisation(handoff: Optional[HandOff], log_prob: torch.Tensor, mask: torch.Tensor, knobs: DPPOKnobs,
+                           mode: str, checks: DeferredChecks):
+    """``log pi_A(a_t) = log pi(a_t) - log(1 - m_t)`` over the ids the rollout samples from, like mu
+    (:mod:`dppo_verl.ops.sampled_vocab`); the correction is a constant for autograd. Returns ``(log_prob, log m)``,
+    ``log m`` None when nothing is excluded (or anchor=old: pi and pi_old share the trainer's normalisation)."""
+    from .integrations.actor.sampled_ids import current_sampled_ids
+
+    g = None if handoff is None else handoff.excluded_log_ratio
+    if knobs.anchor != "rollout":
+        return log_prob, None
+    if g is None:
+        if current_sampled_ids() is not None:
+            raise ValueError(
+                f"{mode}: the rollout samples from fewer ids than the model's head ({current_sampled_ids()}), but "
+                f"'{OUT_EXCLUDED}' from the dppo_verl logits hook did not reach the loss: pi and mu would be normalised "
+                f"over different ids. The actor integration must be active (or set {SAMPLED_IDS_KNOB}=all if the rollout "
+                "samples from every head row)")
+        return log_prob, None
+    check_shape(OUT_EXCLUDED, g, list(log_prob.shape))
+    log_m = torch.where(mask, g.float() + log_prob.detach().float(), float("-inf"))  # [B, T]
+    bad = mask & ~(log_m < 0)  # m >= 1 or NaN: no mass left on the samplable ids
+    checks.add(bad, lambda idx: (
+        f"{OUT_EXCLUDED}: at sample {idx[0]} (micro-batch row), response token {idx[-1]} the trainer puts all its "
+        f"probability (log m = {log_m[tuple(idx)].item()!r}) on ids the rollout never samples ({SAMPLED_IDS_KNOB}="
+        f"{knobs.sampled_ids}: {current_sampled_ids()}); pi over the samplable ids is undefined"))
+    log_keep = torch.where(mask & (log_m < 0), log_kept_mass(log_m), 0.0)
+    return log_prob - log_keep, log_m
 
 
 def _token_checks(checks: DeferredChecks, mu_name: str, mu, log_prob, advantages, mask) -> DeferredChecks:
@@ -256,6 +291,7 @@ def _policy_loss(
     checks = DeferredChecks()
     if handoff is not None and handoff.checks is not None:
         checks.extend(handoff.checks)
+    log_prob, log_m = _sampled_normalisation(handoff, log_prob, mask, knobs, loss_mode, checks)
     _token_checks(checks, mu_name, mu, log_prob.detach(), advantages, mask)
     if rollout_is_weights is not None and knobs.anchor == "rollout":
         # First-use twin of the launch rule: Eq. 11 already weights by min(pi/mu, C); verl's pi_old/mu on top of it
@@ -283,6 +319,7 @@ def _policy_loss(
         topk_valid=topk_valid,
         describe_token=None if handoff is None else handoff.describe_token,
         checks=checks,
+        log_excluded_mass=log_m,
     )
 
 

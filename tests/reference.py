@@ -230,3 +230,24 @@ def megatron_rows(seq_lens: list[int], *, tp: int, cp: int, cp_rank: int, data_f
         return torch.tensor(rows)[None]
     width = round_up(forced_max_seqlen or max(seq_lens), tp * cp * 2 if cp > 1 else tp)
     return torch.tensor([zigzag(padded_seq(i, width)) for i in range(len(seq_lens))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One normalisation for mu and pi (issue #17): the rollout engine samples only from ``allowed`` ids.
+
+
+def allowed_mask(vocab: int, limit: int, banned: tuple[int, ...] = ()) -> torch.Tensor:
+    """``[V]`` bool: ids a vLLM rollout with ``monkey_patch_model(vocab_size=limit, banned_token_ids=banned)`` samples."""
+    ok = torch.arange(vocab) < limit
+    ok[list(banned)] = False
+    return ok
+
+
+def masked_logprobs(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``[..., V]`` -> fp64 log-softmax over the allowed ids only (-inf elsewhere): what the engine samples from."""
+    return torch.log_softmax(logits.to(F64).masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def excluded_mass(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``[..., V]`` -> fp64 ``[...]`` full-softmax mass on the ids that are not allowed, summed term by term."""
+    return full_logprobs(logits).exp().masked_fill(allowed, 0.0).sum(-1)

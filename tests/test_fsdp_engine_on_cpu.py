@@ -4,6 +4,10 @@ verl's ``ActorRolloutRefWorker`` is built from verl's Hydra config; the batch ha
 synthetic rollout top-K tensors. The divergence that reaches the loss must equal the dense fp64 partition TV
 computed from the model's full logits (a plain HF forward of the same weights), token by token.
 
+The tiny model's head has more rows (512) than its tokenizer has ids: the rollout, like verl's vLLM server, samples
+from the tokenizer's ids only, so the reference pi is the fp64 softmax over those ids (issue #17: one normalisation
+for mu and pi), and the log pi and the mass on the other rows that reach the loss are checked too.
+
 Ulysses SP = 2: verl only patches flash-attention for Ulysses, and CPU runs sdpa, so attention would not see
 the other rank's half of the sequence; the SP case therefore uses an attention-free model (0 decoder layers),
 whose logits are per-token, to check the whole SP path (slice, hook, all-gather, unpad) against the reference.
@@ -24,11 +28,14 @@ ATOL = 2e-5  # engine (FSDP2, packed sdpa) vs plain HF fp32 forward: logits agre
 
 
 def _batch(model_dir, n=4, seed=0):
+    from transformers import AutoTokenizer
+
     g = torch.Generator().manual_seed(seed)
+    n_tok = len(AutoTokenizer.from_pretrained(model_dir))
     samples = []
     for _ in range(n):
         p, r = int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(3, 11, (1,), generator=g))
-        prompt, resp = torch.randint(3, 400, (p,), generator=g), torch.randint(3, 400, (r,), generator=g)
+        prompt, resp = torch.randint(3, n_tok, (p,), generator=g), torch.randint(3, n_tok, (r,), generator=g)
         mask = torch.ones(r, dtype=torch.long)
         mask[1] = 0  # e.g. a tool-output token inside the response
         samples.append(dict(prompts=prompt, responses=resp, input_ids=torch.cat([prompt, resp]),
@@ -37,20 +44,30 @@ def _batch(model_dir, n=4, seed=0):
     for s, lg in zip(samples, logits):
         p, r = len(s["prompts"]), len(s["responses"])
         rows = lg[p - 1 : p - 1 + r]  # rows that predict the response tokens
+        allowed = ref.allowed_mask(rows.shape[-1], n_tok)  # what the rollout samples from
+        assert n_tok < rows.shape[-1], "the tiny model should have a padded head"
         z_mu = rows + 0.7 * torch.randn(rows.shape, generator=g, dtype=torch.float64)
         z_mu[torch.arange(r)[::2], s["responses"][::2]] += 8.0  # every other sampled token inside the top-K
-        lq = ref.full_logprobs(z_mu)
+        lq = ref.masked_logprobs(z_mu, allowed)
         top_lq, top_ids = lq.topk(K, -1)
         s.update(rollout_topk_ids=top_ids.int(), rollout_topk_logprobs=top_lq.float(),
                  rollout_log_probs=lq.gather(-1, s["responses"][:, None])[:, 0].float(),
                  old_log_probs=torch.zeros(r), advantages=torch.randn(r, generator=g).expand(r).clone())
-        s["truth"] = torch.tensor([ref.partition_tv(ref.full_logprobs(rows[j]).exp(), lq[j].exp(),
+        pi = ref.masked_logprobs(rows, allowed)  # [r, V] fp64, pi over the samplable ids
+        s["truth"] = torch.tensor([ref.partition_tv(pi[j].exp(), lq[j].exp(),
                                                     top_ids[j].tolist() + [int(s["responses"][j])]) for j in range(r)],
                                   dtype=torch.float64)
+        s["truth_binary"] = torch.tensor([ref.partition_tv(pi[j].exp(), lq[j].exp(), [int(s["responses"][j])])
+                                          for j in range(r)], dtype=torch.float64)
+        s["pi_logp"] = pi.gather(-1, s["responses"][:, None])[:, 0]
+        s["excluded_mass"] = ref.excluded_mass(rows, allowed)
     return samples
 
 
-def _worker(rank, world, port, model_dir, samples, sp, rmpad, results, dyn=False):
+REFERENCE_KEYS = ("truth", "truth_binary", "pi_logp", "excluded_mass")
+
+
+def _worker(rank, world, port, model_dir, samples, sp, rmpad, results, dyn=False, mode="dppo_tv_topk"):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -68,7 +85,7 @@ def _worker(rank, world, port, model_dir, samples, sp, rmpad, results, dyn=False
         "actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={n}", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
         f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp}",
-        "actor_rollout_ref.actor.policy_loss.loss_mode=dppo_tv_topk",
+        f"actor_rollout_ref.actor.policy_loss.loss_mode={mode}",
         "actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig",
         f"+actor_rollout_ref.actor.policy_loss.num_topk={K}",
         "actor_rollout_ref.actor.use_torch_compile=False", "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
@@ -92,11 +109,14 @@ def _worker(rank, world, port, model_dir, samples, sp, rmpad, results, dyn=False
     real = losses.compute_dppo_loss
 
     def recording(log_prob, mu_logp, advantages, response_mask, divergence, knobs, **kw):
-        seen.append((divergence.detach().clone(), mu_logp.detach().clone(), response_mask.clone(), kw["support_size"].clone()))
+        size = kw["support_size"]
+        seen.append((divergence.detach().clone(), mu_logp.detach().clone(), response_mask.clone(),
+                     torch.ones_like(mu_logp) if size is None else size.clone(), log_prob.detach().clone(),
+                     kw["log_excluded_mass"].clone()))
         return real(log_prob, mu_logp, advantages, response_mask, divergence, knobs, **kw)
 
     losses.compute_dppo_loss = recording
-    keys = [k for k in local[0] if k != "truth"]
+    keys = [k for k in local[0] if k not in REFERENCE_KEYS]
     fields = {k: torch.nested.as_nested_tensor([s[k] for s in local], layout=torch.jagged) for k in keys}
     fields["loss_mask"] = fields["response_mask"]
     extra = dict(calculate_entropy=False, distillation_use_topk=False, distillation_only=False, global_batch_size=n,
@@ -109,27 +129,34 @@ def _worker(rank, world, port, model_dir, samples, sp, rmpad, results, dyn=False
     # issue #18: at most one host sync per micro-batch in our code (the loss's one read of checks and metrics)
     assert syncs.total <= len(seen), (len(seen), dict(syncs.where))
     assert not dyn or len(seen) > 1, f"{len(seen)} micro-batch: the token budget should have split the batch"
-    for div, mu, mask, size in seen:  # identify each row's sample by its rollout log-probs
+    topk = mode.endswith("_topk")
+    for div, mu, mask, size, logp, log_m in seen:  # identify each row's sample by its rollout log-probs
         for row in range(div.shape[0]):
             s = next(s for s in local if torch.equal(mu[row, : len(s["responses"])], s["rollout_log_probs"]))
             r = len(s["responses"])
             m = s["response_mask"].bool()
-            torch.testing.assert_close(div[row, :r][m].double(), s["truth"][m], rtol=0, atol=ATOL)
-            assert bool((size[row, :r][m] > 1).all()) and bool((div[row, :r][~m] == 0).all())
+            torch.testing.assert_close(div[row, :r][m].double(), s["truth" if topk else "truth_binary"][m], rtol=0,
+                                       atol=ATOL)
+            torch.testing.assert_close(logp[row, :r][m].double(), s["pi_logp"][m], rtol=0, atol=ATOL)
+            torch.testing.assert_close(log_m[row, :r][m].exp().double(), s["excluded_mass"][m], rtol=0, atol=ATOL)
+            assert bool((size[row, :r][m] > (1 if topk else 0)).all())
+            assert not topk or bool((div[row, :r][~m] == 0).all())  # the hook zeroes rows outside the mask
             results.append(r)
     if out is not None:
         metrics = tu.get(out, "metrics")
         sizes = metrics["actor/dppo/support_size"]
-        assert min(sizes if isinstance(sizes, list) else [sizes]) > 1, metrics  # the Top-K path ran
+        assert min(sizes if isinstance(sizes, list) else [sizes]) > (1 if topk else 0), metrics  # the Top-K path ran
+        excluded = metrics["actor/dppo/excluded_mass_mean"]
+        assert min(excluded if isinstance(excluded, list) else [excluded]) > 1e-3, metrics  # measured, not 0
 
 
-def _run(world, model_dir, samples, sp=1, rmpad=True, dyn=False):
+def _run(world, model_dir, samples, sp=1, rmpad=True, dyn=False, mode="dppo_tv_topk"):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Manager().list()
-    torch.multiprocessing.spawn(_worker, nprocs=world, join=True, args=(world, port, model_dir, samples, sp, rmpad, results, dyn))
+    torch.multiprocessing.spawn(_worker, nprocs=world, join=True, args=(world, port, model_dir, samples, sp, rmpad, results, dyn, mode))
     assert sum(results) == sum(len(s["responses"]) for s in samples) * sp  # every response row was checked
 
 
@@ -151,6 +178,12 @@ def attention_free(tmp_path_factory):
 @pytest.mark.parametrize("world,rmpad", [(1, True), (1, False), (2, True)])
 def test_train_batch_topk(tiny, world, rmpad):
     _run(world, *tiny, rmpad=rmpad)
+
+
+@pytest.mark.timeout(900)
+def test_train_batch_binary_padded_head(tiny):
+    """A binary mode reads the logits only for the mass on the never-sampled head rows (the logits hook, issue #17)."""
+    _run(1, *tiny, mode="dppo_tv_binary")
 
 
 @pytest.mark.timeout(900)

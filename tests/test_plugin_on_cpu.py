@@ -123,8 +123,12 @@ def test_first_use_engine_checks():
     from conftest import make_actor_config
     from dppo_verl.config import DPPOPolicyLossConfig
 
+    from types import SimpleNamespace
+
     class Stub:
         pad_to_length = False
+        # a padded head: 320 rows, 261 tokenizer ids (the demo model)
+        model_config = SimpleNamespace(tokenizer=[0] * 261, processor=None, hf_config=SimpleNamespace(vocab_size=320))
 
     loss_fn = functools.partial(ppo_loss, config=make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_topk")))
     data = TensorDict({"x": torch.zeros(2)}, batch_size=[2])
@@ -139,3 +143,13 @@ def test_first_use_engine_checks():
     Stub.pad_to_length = True
     with pytest.raises(ValueError, match="pad_to_length=False"):
         BaseEngine.train_batch(Stub(), data, loss_fn)
+    # binary modes read the logits too when the rollout samples from fewer ids than the head has (issue #17)
+    Stub.pad_to_length = False
+    tu.assign_non_tensor(data, use_fused_kernels=True)
+    binary = functools.partial(ppo_loss, config=make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_binary")))
+    with pytest.raises(ValueError, match=r"needs the logits \(the mass on ids the rollout never samples, "
+                                         r"actor_rollout_ref.actor.policy_loss.sampled_ids\).*use_fused_kernels=False"):
+        BaseEngine.train_batch(Stub(), data, binary)
+    Stub.model_config = SimpleNamespace(tokenizer=None, processor=None, hf_config=SimpleNamespace(vocab_size=320))
+    with pytest.raises(ValueError, match=r"sampled_ids=vllm needs the actor's tokenizer"):
+        BaseEngine.train_batch(Stub(), data, binary)

@@ -23,7 +23,9 @@ import sys
 import torch
 
 from ...knobs import parse_loss_mode, resolve_knobs
-from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_TOPK_VALID, ROLLOUT_LOG_PROBS, TOPK_KEYS
+from ...contract import (
+    OUT_DDOT, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_SUPPORT_SIZE, OUT_TOPK_VALID, ROLLOUT_LOG_PROBS, TOPK_KEYS,
+)
 from ...handoff import HandOff, defer_hook_checks, handoff_scope, take_hook_checks
 from ...ops.checks import DeferredChecks
 from ...losses import MAX_METRICS
@@ -35,7 +37,7 @@ __all__ = ["apply_ppo_loss_wrapper", "PATCH", "SIGNATURE"]
 PATCH = "actor.ppo_loss"
 SIGNATURE = "config, model_output, data, dp_group="
 _MODEL_OUTPUT_TO_FIELD = {OUT_DIVERGENCE: "divergence", OUT_SUPPORT_SIZE: "support_size", OUT_DDOT: "ddot",
-                          OUT_TOPK_VALID: "topk_valid"}
+                          OUT_TOPK_VALID: "topk_valid", OUT_EXCLUDED: "excluded_log_ratio"}
 
 
 def _padded_field(data, key, checks=None):
@@ -113,13 +115,17 @@ def _wrap(orig):
             if student_logits is not None:  # only our flag makes an engine call ppo_loss as a processor
                 raise ValueError(f"ppo_loss called as a logits processor for non-DPPO loss_mode={mode!r}")
             return orig(config, model_output, data, dp_group, **kwargs)
-        if student_logits is not None:  # the engine's logits-processor call (Top-K modes)
+        if student_logits is not None:  # the engine's logits-processor call (Top-K modes, masked rollout ids)
+            from .sampled_ids import current_sampled_ids, excluded_outputs
             from .topk_hook import topk_outputs
 
             knobs = resolve_knobs(mode, config.policy_loss)
             tp_group = None if data_format is None else _megatron_tp_group()
+            if not parsed.is_topk:
+                return excluded_outputs(student_logits, current_sampled_ids(), tp_group=tp_group)
             checks = DeferredChecks()  # read by this micro-batch's loss with its metrics (one device read)
-            out = topk_outputs(student_logits, data, knobs, tp_group=tp_group, data_format=data_format, checks=checks)
+            out = topk_outputs(student_logits, data, knobs, tp_group=tp_group, data_format=data_format, checks=checks,
+                               sampled_ids=current_sampled_ids())
             defer_hook_checks(checks)
             return out
         with handoff_scope(_handoff_from(model_output, data)):

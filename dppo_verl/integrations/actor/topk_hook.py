@@ -26,12 +26,13 @@ from typing import Optional
 
 import torch
 
-from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_SUPPORT_SIZE, OUT_TOPK_VALID
+from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_SUPPORT_SIZE, OUT_TOPK_VALID
 from ...ops.consistency import topk_row_status
 from ...ops.divergence import get_divergence
 from ...ops.predictive import predictive_ddot
+from ...ops.sampled_vocab import excluded_stats, renormalize_support
 from ...ops.support import build_support
-from ...ops.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_stats
+from ...ops.vocab_parallel import vocab_parallel_stats
 from .layout import layout_like_logits, megatron_layout_of, packed_support_inputs
 
 __all__ = ["topk_outputs"]
@@ -51,14 +52,22 @@ def _divergence_outputs(pi_logp, rest_sq, sup, mu, row_valid: torch.Tensor, knob
     return out
 
 
-def _row_outputs(logits: torch.Tensor, sup, mu, row_valid: torch.Tensor, knobs, tp_group, checks) -> dict:
+def _row_outputs(logits: torch.Tensor, sup, part: dict, row_valid: torch.Tensor, knobs, tp_group, checks,
+                 sampled_ids) -> dict:
     """One ``[s, V_local]`` slab of rows -> per-row ``dppo_*`` scalars ``[s]`` (0 on rows that are not response)."""
-    if knobs.direction == "predictive":
-        # Q_R = sum_{j not in S} pi_j^2 rides in the vocab-parallel SUM (one more float per row).
-        st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid, checks=checks)
-        return _divergence_outputs(st.logp, st.rest_sq, sup, mu, row_valid, knobs)
-    pi_logp = vocab_parallel_logprobs(logits, sup.ids, tp_group=tp_group, checks=checks)
-    return _divergence_outputs(pi_logp, None, sup, mu, row_valid, knobs)
+    predictive = knobs.direction == "predictive"
+    # Q_R = sum_{j not in S} pi_j^2 (predictive) rides in the vocab-parallel SUM (one more float per row).
+    st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid if predictive else None,
+                              checks=checks)
+    if sampled_ids is None:
+        return _divergence_outputs(st.logp, st.rest_sq, sup, part["mu"], row_valid, knobs)
+    # pi over the ids the rollout samples from (ops.sampled_vocab): log m = lse_E - lse, on the narrow E columns
+    ex = excluded_stats(logits, part["sampled"], sampled_ids, tp_group=tp_group, squares=predictive)
+    logp, rest_sq = renormalize_support(st.logp, ex.lse - st.lse, st.rest_sq,
+                                        None if ex.lse_sq is None else ex.lse_sq - 2.0 * st.lse)
+    out = _divergence_outputs(logp, rest_sq, sup, part["mu"], row_valid, knobs)
+    out[OUT_EXCLUDED] = ex.log_ratio
+    return out
 
 
 def _flat_rows(laid: dict, n_lead: int) -> dict:
@@ -67,7 +76,7 @@ def _flat_rows(laid: dict, n_lead: int) -> dict:
 
 
 def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, grad: bool,
-                   checks) -> dict:
+                   checks, sampled_ids) -> dict:
     """``policy_loss.fused_logprobs``: every row at once through one Triton pass that also yields verl's
     log pi(label) with its gradient (handed to the engine's log-prob call, :mod:`.fused_logprob`)."""
     from . import fused_logprob as handoff
@@ -85,17 +94,28 @@ def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vo
         rows = handoff.flat_rows(student_logits)  # [R, V_local], a view (made with grad on: its backward is free)
         fused = fused_logprobs(rows, labels.reshape(-1), sup.ids, tp_group=tp_group, sq_exclude=exclude)
         handoff.offer(student_logits, labels, fused.label_logp.view(labels.shape))
-    out = _divergence_outputs(fused.support_logp, fused.rest_sq, sup, flat["mu"], row_valid, knobs)
+    logp, rest_sq, extra = fused.support_logp, fused.rest_sq, {}
+    if sampled_ids is not None:  # log m = g + log pi(label), with the fused pass's own log pi(label)
+        ex = excluded_stats(rows.detach(), labels.reshape(-1), sampled_ids, tp_group=tp_group, squares=exclude is not None)
+        label_logp = fused.label_logp.detach().float()
+        lse = ex.label_logit - label_logp
+        logp, rest_sq = renormalize_support(logp, ex.lse - lse, rest_sq,
+                                            None if ex.lse_sq is None else ex.lse_sq - 2.0 * lse)
+        extra[OUT_EXCLUDED] = ex.log_ratio
+    out = _divergence_outputs(logp, rest_sq, sup, flat["mu"], row_valid, knobs)
+    out.update(extra)
     return {key: v.view(lead) for key, v in out.items()}
 
 
 def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, data_format=None,
-                 checks=None) -> dict:
+                 checks=None, sampled_ids=None) -> dict:
     """Per-row ``dppo_divergence``, ``dppo_support_size``, ``dppo_topk_valid`` (and ``dppo_ddot`` for
     ``direction=predictive``), each with the logits' leading shape ``[b, s]``. Under no_grad, except the fused
     log pi(label) (``fused_logprobs``). The data checks go on ``checks`` (a
     :class:`~dppo_verl.ops.checks.DeferredChecks`, read by the loss with its metrics: no device read here with
-    verl's nested micro-batches); None reads them here, once."""
+    verl's nested micro-batches); None reads them here, once. ``sampled_ids``
+    (:class:`~dppo_verl.ops.sampled_vocab.SampledIds`, None = every head row): pi is normalised over the ids the
+    rollout samples from, like mu, and ``dppo_excluded_log_ratio`` is returned for the loss."""
     from ...ops.checks import DeferredChecks
 
     grad = torch.is_grad_enabled()
@@ -118,15 +138,15 @@ def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, da
         tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
         vocab = student_logits.shape[-1] * tp
         if getattr(knobs, "fused_logprobs", False):
-            out = _fused_outputs(student_logits, laid, knobs, tp_group, vocab, grad, checks)
+            out = _fused_outputs(student_logits, laid, knobs, tp_group, vocab, grad, checks, sampled_ids)
         else:
-            out = _all_rows(student_logits, laid, knobs, tp_group, vocab, checks)
+            out = _all_rows(student_logits, laid, knobs, tp_group, vocab, checks, sampled_ids)
     if own:
         checks.run()
     return out
 
 
-def _all_rows(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, checks) -> dict:
+def _all_rows(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, checks, sampled_ids) -> dict:
     """Every row ``[b, s]`` in one pass over ``[b * s, V_local]`` (a view when the logits are contiguous, as both
     engines hand them over), else one pass per ``b`` (each ``logits[b]`` a 2-D view, never a copy)."""
     lead = tuple(student_logits.shape[:-1])
@@ -139,5 +159,5 @@ def _all_rows(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: 
         row_valid = part["row_valid"].bool()
         sup = build_support(part["sampled"], part["mu"], part["topk_ids"], part["topk_logp"], vocab_size=vocab,
                             num_topk=knobs.num_topk, row_valid=row_valid, checks=checks)
-        rows.append(_row_outputs(logits, sup, part["mu"], row_valid, knobs, tp_group, checks))
+        rows.append(_row_outputs(logits, sup, part, row_valid, knobs, tp_group, checks, sampled_ids))
     return {key: torch.stack([r[key] for r in rows]).view(lead) for key in rows[0]}
