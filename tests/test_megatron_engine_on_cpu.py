@@ -31,10 +31,16 @@ DIV_ATOL = 1e-5  # fp32 log-probs over K + 2 cells: measured 1.1e-7 (TV), 8.9e-7
 
 
 def _samples(model_dir):
+    """The rollout samples from the tokenizer's ids only (like verl's vLLM server): the tiny model's 512-row head has
+    more, so the references normalise pi over those ids too (issue #17), except ``ref_lp``: verl's own full-head
+    log-probs (``compute_log_prob``)."""
+    from transformers import AutoTokenizer
+
+    n_tok = len(AutoTokenizer.from_pretrained(model_dir))
     g = torch.Generator().manual_seed(0)
     samples = []
     for p, r in LENGTHS:
-        prompt, resp = torch.randint(3, 500, (p,), generator=g), torch.randint(3, 500, (r,), generator=g)
+        prompt, resp = torch.randint(3, n_tok, (p,), generator=g), torch.randint(3, n_tok, (r,), generator=g)
         mask = torch.ones(r, dtype=torch.long)
         mask[1] = 0  # a tool-output token inside the response: no divergence there
         samples.append(dict(prompts=prompt, responses=resp, input_ids=torch.cat([prompt, resp]),
@@ -44,19 +50,26 @@ def _samples(model_dir):
         rows = lg[p - 1: p - 1 + r]  # fp64 logits of the rows that predict the response tokens
         z_mu = rows + 0.7 * torch.randn(rows.shape, generator=g, dtype=torch.float64)
         z_mu[torch.arange(r)[::2], s["responses"][::2]] += 8.0  # every other sampled token inside the top-K
-        lq = ref.full_logprobs(z_mu)
+        allowed = ref.allowed_mask(rows.shape[-1], n_tok)
+        assert n_tok < rows.shape[-1], "the tiny model should have a padded head"
+        lq = ref.masked_logprobs(z_mu, allowed)
         top_lq, top_ids = lq.topk(K, -1)
-        pi = ref.full_logprobs(rows)
+        full = ref.full_logprobs(rows)
+        pi = ref.masked_logprobs(rows, allowed)
         s.update(rollout_topk_ids=top_ids.int(), rollout_topk_logprobs=top_lq.float(),
                  rollout_log_probs=lq.gather(-1, s["responses"][:, None])[:, 0].float(),
-                 old_log_probs=pi.gather(-1, s["responses"][:, None])[:, 0].float(),  # ratio 1: PPO's clip inactive
+                 old_log_probs=full.gather(-1, s["responses"][:, None])[:, 0].float(),  # ratio 1: PPO's clip inactive
                  advantages=torch.full((r,), 1.0 if i % 2 else -0.5))
         support = [top_ids[j].tolist() + [int(s["responses"][j])] for j in range(r)]
-        s["ref_lp"] = pi.gather(-1, s["responses"][:, None])[:, 0]
+        s["ref_lp"] = full.gather(-1, s["responses"][:, None])[:, 0]
+        s["ref_lp_sampled_ids"] = pi.gather(-1, s["responses"][:, None])[:, 0]
+        s["ref_excluded_mass"] = ref.excluded_mass(rows, allowed)
+        s["ref_binary_tv"] = (pi.gather(-1, s["responses"][:, None])[:, 0].exp() - lq.gather(-1, s["responses"][:, None])[:, 0].exp()).abs()
         s["ref_tv"] = torch.tensor([ref.partition_tv(pi[j].exp(), lq[j].exp(), support[j]) for j in range(r)], dtype=torch.float64)
         s["ref_kl"] = torch.tensor([ref.partition_kl(pi[j].exp(), lq[j].exp(), support[j]) for j in range(r)], dtype=torch.float64)
         # the predictive rate of KL_topk (d/de D(z + e (e_a - pi)) at e = 0), by fp64 autograd over the full vocabulary
-        s["ref_ddot"] = torch.tensor([_ddot(rows[j], lq[j], support[j], int(s["responses"][j])) for j in range(r)], dtype=torch.float64)
+        z_a = rows.masked_fill(~allowed, float("-inf"))  # softmax(z_a) = pi over the samplable ids
+        s["ref_ddot"] = torch.tensor([_ddot(z_a[j], lq[j], support[j], int(s["responses"][j])) for j in range(r)], dtype=torch.float64)
     return samples
 
 
@@ -75,7 +88,8 @@ def _record_losses():
 
     def recording(log_prob, mu_logp, advantages, response_mask, divergence, knobs, **kw):
         seen.append(dict(div=divergence.detach().clone(), mu=mu_logp.detach().clone(), mask=response_mask.clone(),
-                         push=None if kw.get("push") is None else kw["push"].detach().clone()))
+                         push=None if kw.get("push") is None else kw["push"].detach().clone(),
+                         lp=log_prob.detach().clone(), log_m=kw["log_excluded_mass"].clone()))
         return real(log_prob, mu_logp, advantages, response_mask, divergence, knobs, **kw)
 
     losses.compute_dppo_loss = recording
@@ -105,7 +119,8 @@ def _worker(rank, world, model_dir, samples, out_dir):
         res["grad_norm"] = tu.get(out, "metrics")["grad_norm"][0]
     if tp == 2:
         seen = _record_losses()
-        for mode, extra in (("dppo_tv_topk", []), ("dppo_kl_topk", ["+actor_rollout_ref.actor.policy_loss.direction=predictive"])):
+        for mode, extra in (("dppo_tv_topk", []), ("dppo_kl_topk", ["+actor_rollout_ref.actor.policy_loss.direction=predictive"]),
+                            ("dppo_tv_binary", [])):
             seen.clear()
             wk = build_worker(model_dir, tp=tp, loss_mode=mode, n=n,
                               extra=[f"+actor_rollout_ref.actor.policy_loss.num_topk={K}", *extra])
@@ -158,7 +173,8 @@ def test_weight_export_is_the_checkpoint(tp2):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("mode,key", [("dppo_tv_topk", "ref_tv"), ("dppo_kl_topk", "ref_kl")])
+@pytest.mark.parametrize("mode,key", [("dppo_tv_topk", "ref_tv"), ("dppo_kl_topk", "ref_kl"),
+                                      ("dppo_tv_binary", "ref_binary_tv")])
 def test_topk_divergence_per_token_through_the_engine(tp2, model_and_samples, mode, key):
     _, samples = model_and_samples
     for res in tp2:
@@ -171,7 +187,12 @@ def test_topk_divergence_per_token_through_the_engine(tp2, model_and_samples, mo
                 s = next(s for s in samples if torch.equal(m["mu"][row, : len(s["responses"])], s["rollout_log_probs"]))
                 r, keep = len(s["responses"]), s["response_mask"].bool()
                 torch.testing.assert_close(m["div"][row, :r][keep].double(), s[key][keep], rtol=0, atol=DIV_ATOL)
-                assert bool((m["div"][row, :r][~keep] == 0).all())
+                # pi over the ids the rollout samples from, and the trainer's mass on the others (issue #17)
+                torch.testing.assert_close(m["lp"][row, :r][keep].double(), s["ref_lp_sampled_ids"][keep], rtol=0,
+                                           atol=LP_ATOL)
+                torch.testing.assert_close(m["log_m"][row, :r][keep].exp().double(), s["ref_excluded_mass"][keep],
+                                           rtol=0, atol=LP_ATOL)
+                assert not mode.endswith("_topk") or bool((m["div"][row, :r][~keep] == 0).all())
                 if mode == "dppo_kl_topk":  # direction=predictive: the rate reached the loss too
                     torch.testing.assert_close(m["push"][row, :r][keep].double(), s["ref_ddot"][keep], rtol=0,
                                                atol=DIV_ATOL)
@@ -182,4 +203,5 @@ def test_topk_divergence_per_token_through_the_engine(tp2, model_and_samples, mo
         assert sum(res[mode]["syncs"].values()) <= len(seen), res[mode]["syncs"]
         metrics = res[mode]["metrics"]
         if metrics is not None:
-            assert min(metrics["actor/dppo/support_size"]) > 1, metrics
+            assert min(metrics["actor/dppo/support_size"]) > (1 if mode.endswith("_topk") else 0), metrics
+            assert min(metrics["actor/dppo/excluded_mass_mean"]) > 1e-3, metrics
