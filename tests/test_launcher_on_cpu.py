@@ -118,3 +118,16 @@ def test_pi_old_pass_skipped_only_when_nothing_reads_it(capsys, extra, bypass):
     out = capsys.readouterr().out
     assert f"    bypass_mode: {bypass}" in out
     assert ("algorithm.rollout_correction.bypass_mode=True" in out.split("dry run")[0]) == (bypass == "true")
+
+
+def test_sglang_rollout_normalises_pi_over_every_head_row(capsys):
+    """verl's SGLang server masks no head rows (its vLLM server does): the launcher sets sampled_ids=all for it, the
+    rule refuses the vLLM set with SGLang when the user asked for it explicitly (issue #17)."""
+    assert main(["actor.policy_loss=dppo_tv_binary", "actor_rollout_ref.rollout.name=sglang", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "+actor_rollout_ref.actor.policy_loss.sampled_ids=all" in out.split("dry run")[0] and "sampled_ids: all" in out
+    assert main(["actor.policy_loss=dppo_tv_binary", "actor_rollout_ref.rollout.name=sglang",
+                 "actor_rollout_ref.actor.policy_loss.sampled_ids=vllm", "--dry-run"]) == 2
+    assert "set actor_rollout_ref.actor.policy_loss.sampled_ids=all" in capsys.readouterr().err
+    assert main(["actor.policy_loss=dppo_tv_binary", "--dry-run"]) == 0  # vLLM: the knob's default (tokenizer's ids)
+    assert "sampled_ids" not in capsys.readouterr().out

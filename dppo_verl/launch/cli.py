@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 from .. import __version__
 from ..contract import (
     CALCULATE_LOG_PROBS, CONFIG_TARGET, CPU_PLATFORM, DEFAULT_NUM_TOPK, ENV_DRIVER_VERSION, ENV_EXTERNAL_MODULES,
-    ENV_PLATFORM, EXTERNAL_LIB, LOSS_MODE, PLUGIN_MODULE, POLICY_LOSS, RAY_ENV_VARS, ROLLOUT_NUM_TOPK,
+    ENV_PLATFORM, EXTERNAL_LIB, LOSS_MODE, PLUGIN_MODULE, POLICY_LOSS, RAY_ENV_VARS, ROLLOUT, ROLLOUT_NUM_TOPK,
+    SAMPLED_IDS_KNOB,
 )
 
 __all__ = ["expand_overrides", "compose_config", "main"]
@@ -179,6 +180,19 @@ def _skip_pi_old(cfg, explicit: set) -> list[str]:
     return [f"{BYPASS}=True"]
 
 
+def _sampled_ids_for_rollout(cfg, explicit: set) -> list[str]:
+    """verl 0.9.1's SGLang server samples from every head row (its vLLM server masks the rows past the tokenizer):
+    normalise pi over every row too (``policy_loss.sampled_ids=all``), unless the user set the knob."""
+    from omegaconf import OmegaConf
+
+    from ..knobs import parse_loss_mode
+
+    if (parse_loss_mode(OmegaConf.select(cfg, LOSS_MODE)) is None or SAMPLED_IDS_KNOB in explicit
+            or OmegaConf.select(cfg, f"{ROLLOUT}.name") != "sglang"):
+        return []
+    return [f"+{SAMPLED_IDS_KNOB}=all"]  # verl's YAML has no such key
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, flags, dry_run = _hydra_args(argv)
@@ -200,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cpu = [a for a in cpu if _split(a)[1] not in explicit]
     expanded, notes = expanded + cpu, notes + cpu
     cfg = compose_config(expanded, config_name=name, config_dir=cdir)
-    skip = _skip_pi_old(cfg, explicit)
+    skip = _skip_pi_old(cfg, explicit) + _sampled_ids_for_rollout(cfg, explicit)
     if skip:
         expanded, notes = expanded + skip, notes + skip
         cfg = compose_config(expanded, config_name=name, config_dir=cdir)

@@ -18,8 +18,10 @@ import logging
 import os
 from typing import Any, Optional
 
-from ..knobs import parse_loss_mode
-from ..contract import ALLOW_TRUNCATED_SAMPLING, LOSS_MODE, MODEL_PATH, ROLLOUT, ROLLOUT_NUM_TOPK
+from ..knobs import parse_loss_mode, resolve_knobs
+from ..contract import (
+    ALLOW_TRUNCATED_SAMPLING, LOSS_MODE, MODEL_PATH, POLICY_LOSS, ROLLOUT, ROLLOUT_NUM_TOPK, SAMPLED_IDS_KNOB,
+)
 from ..integrations.rollout.topk_arrays import k_vocabulary_problem
 from .rules import select as _select
 
@@ -128,15 +130,23 @@ def _multi_turn_problems(config, mode: str) -> list[str]:
 def _sglang_problems(config) -> list[str]:
     """SGLang reports log-probs after temperature unless SGLANG_RETURN_ORIGINAL_LOGPROB is set (then of the raw
     logits): with temperature != 1 that mu is not the sampling distribution. Read from the launcher's
-    environment, which Ray passes on to the rollout servers it starts here."""
+    environment, which Ray passes on to the rollout servers it starts here. And verl 0.9.1's SGLang server masks no
+    head rows (unlike its vLLM server): mu is normalised over every row, so pi must be too (``sampled_ids=all``)."""
     if _select(config, f"{R}.name") != "sglang":
         return []
+    problems = []
     flag = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").strip().lower() in ("1", "true", "yes")
     temperature = float(_select(config, f"{R}.temperature", 1.0) or 1.0)
     if flag and temperature != 1.0:
-        return [f"SGLANG_RETURN_ORIGINAL_LOGPROB is set, so SGLang returns log-probs before temperature "
-                f"({R}.temperature={temperature}): unset it for DPPO"]
-    return []
+        problems.append(f"SGLANG_RETURN_ORIGINAL_LOGPROB is set, so SGLang returns log-probs before temperature "
+                        f"({R}.temperature={temperature}): unset it for DPPO")
+    mode = _select(config, LOSS_MODE)
+    knobs = resolve_knobs(mode, _select(config, POLICY_LOSS) or {})
+    if knobs.anchor == "rollout" and knobs.sampled_ids != "all":
+        problems.append(f"{mode}: verl's SGLang server samples from every row of the model's head (it masks none, "
+                        f"unlike its vLLM server), so the trainer's pi must be normalised over every row too: set "
+                        f"{SAMPLED_IDS_KNOB}=all (dppo-verl-train sets it for rollout.name=sglang)")
+    return problems
 
 
 def check_rollout_config(config: Any) -> None:
