@@ -3,6 +3,7 @@
 #             Knobs: STEPS, LOSS (dppo_tv_topk|dppo_kl_topk|dppo_tv_binary|dppo_kl_binary|vanilla), K, SEED, LR,
 #             ENGINE (fsdp | megatron: verl's Megatron engine, tensor parallel 2 over gloo),
 #             TRAINER (sync | colocate_async: verl's V1 async trainer, rollouts one policy version stale),
+#             AGENT (single | tool: verl's multi-turn tool_agent loop, the model may call a digit-reversing tool),
 #             SAVE_FREQ (checkpoint every N steps into runs/<run>/checkpoints), RESUME=1 (continue the run of the
 #             same options from its last checkpoint, after a crash; metrics.jsonl keeps the earlier attempts).
 # make compare : LOSSES (default "dppo_tv_topk vanilla") x ENGINES (default ENGINE) on the same seed, one plot.
@@ -26,6 +27,7 @@ LOSSES ?= dppo_tv_topk vanilla
 ENGINE ?= fsdp
 ENGINES ?= $(ENGINE)
 TRAINER ?= sync
+AGENT  ?= single
 K      ?= 20
 SEED   ?= 0
 LR     ?= 5e-4
@@ -34,7 +36,7 @@ NOISE  ?= 0
 SAVE_FREQ ?= -1
 RESUME ?=
 DEMO_ARGS = --steps $(STEPS) --k $(K) --seed $(SEED) --lr $(LR) --engine $(ENGINE) --trainer $(TRAINER) \
-            --save-freq $(SAVE_FREQ)
+            --save-freq $(SAVE_FREQ) --agent $(AGENT)
 
 .PHONY: venv demo compare study rehearse test bench clean-venv
 

@@ -43,6 +43,8 @@ CALCULATE_LOG_PROBS = f"{ROLLOUT}.calculate_log_probs"
 EXTERNAL_LIB = "actor_rollout_ref.model.external_lib"
 MODEL_PATH = "actor_rollout_ref.model.path"
 RAY_ENV_VARS = "ray_kwargs.ray_init.runtime_env.env_vars"
+DEFAULT_AGENT_LOOP = f"{ROLLOUT}.agent.default_agent_loop"  # verl's loop for samples without an agent_name
+MULTI_TURN = f"{ROLLOUT}.multi_turn"  # the tool agent's settings (verl's V1 never reads multi_turn.enable)
 
 DEFAULT_NUM_TOPK = 20  # K of the paper's runs
 

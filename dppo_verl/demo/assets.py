@@ -15,7 +15,8 @@ import shutil
 import string
 
 __all__ = [
-    "CHAT_TEMPLATE", "DATA_SOURCE", "MODEL_SETTINGS", "TASK_SETTINGS", "build_all", "build_tiny_model",
+    "AGENTS", "CALL_TOKEN", "CHAT_TEMPLATE", "DATA_SOURCE", "MODEL_SETTINGS", "TASK_SETTINGS", "TOOL_CHAT_TEMPLATE",
+    "TOOL_TOKEN", "build_all", "build_tiny_model",
     "build_tokenizer", "byte_symbols", "padded_vocab_size", "task_answer", "task_prompt", "write_task_parquet",
 ]
 
@@ -47,6 +48,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+# ``make demo AGENT=tool`` (verl's tool agent): two more tokens, appended after the bytes so every other id stays
+# put and the padded head (320 rows) needs no resize. ``<|call|>digits`` is a whole tool call (10 tokens at most
+# instead of hermes' ~60 bytes of JSON); ``<|tool|>`` opens the tool's answer. Both are *not* special: verl's reward
+# manager decodes with ``skip_special_tokens=True``, and the reward must still see where a call and a tool answer are.
+AGENTS = ("single", "tool")
+CALL_TOKEN, TOOL_TOKEN = "<|call|>", "<|tool|>"
+# A tool message ends with "\n" (as a Jinja expression: transformers renders templates with trim_blocks, which
+# drops a bare newline after a tag), so the final answer is the line after the last tool answer (reward.py).
+TOOL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<|im_end|>{% elif m['role'] == 'tool' %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 # head_dim = hidden / heads = 64: vLLM's CPU attention refuses smaller heads (16 was refused in a probe).
 # Two KV heads: Megatron's tensor parallelism needs num_key_value_heads % tp == 0 (make demo ENGINE=megatron, TP=2);
 # the FSDP demo trains the same model.
@@ -59,7 +74,7 @@ DATA_SOURCE = "dppo_demo/reverse"
 TASK_SETTINGS = dict(min_digits=3, max_digits=6, instruction="reverse ", ability="string_manipulation")
 
 
-def build_tokenizer(out_dir: str):
+def build_tokenizer(out_dir: str, agent: str = "single"):
     """Byte-level tokenizer with no merges (one token per byte) and a chat template, saved in HF format.
 
     It is built *as* transformers' ``Qwen2Tokenizer``: transformers 5 loads any folder whose config says
@@ -74,8 +89,17 @@ def build_tokenizer(out_dir: str):
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=PAD_TOKEN,
                          additional_special_tokens=SPECIAL_TOKENS[2:])
     tok.chat_template = CHAT_TEMPLATE
+    if _check_agent(agent) == "tool":
+        tok.add_tokens([CALL_TOKEN, TOOL_TOKEN])
+        tok.chat_template = TOOL_CHAT_TEMPLATE
     tok.save_pretrained(out_dir)
     return tok
+
+
+def _check_agent(agent: str) -> str:
+    if agent not in AGENTS:
+        raise ValueError(f"AGENT={agent!r} is not one of {', '.join(AGENTS)}")
+    return agent
 
 
 def padded_vocab_size(tokenizer) -> int:
@@ -172,22 +196,28 @@ def _build_once(path: str, what: str, build) -> str:
 
 
 def build_all(cache_dir: str, seed: int = 0, n_train: int = 4096, n_val: int = 128,
-              warm_start: dict | None = None) -> dict[str, str]:
+              warm_start: dict | None = None, agent: str = "single") -> dict[str, str]:
     """Build (or reuse) every demo asset under ``cache_dir``; returns their paths.
 
     Keys: ``root``, ``tokenizer``, ``model_init`` (random init), ``model`` (after the warm start, the one to
     train with RL; the same as ``model_init`` when ``warm_start`` is ``{"steps": 0}``), ``data``, ``train``,
     ``val``. ``warm_start`` overrides ``dppo_verl.demo.warmstart.WARM_START_DEFAULTS`` (steps, lr, ...).
+    ``agent="tool"``: the tokenizer with the tool tokens and template, warm-started on a mix of tool-using
+    trajectories (``TOOL_WARM_START``) and direct answers.
     """
-    from .warmstart import WARM_START_DEFAULTS
+    from .warmstart import TOOL_WARM_START, WARM_START_DEFAULTS
     from .warmstart import warm_start as run_warm_start
 
-    warm = {**WARM_START_DEFAULTS, **(warm_start or {})}
+    tool = _check_agent(agent) == "tool"
+    warm = {**WARM_START_DEFAULTS, **(TOOL_WARM_START if tool else {}), **(warm_start or {})}
+    # The single-turn key is unchanged by the tool variant (its cached assets stay valid).
+    extra = dict(agent=agent, tool_tokens=[CALL_TOKEN, TOOL_TOKEN], tool_template=TOOL_CHAT_TEMPLATE) if tool else {}
     root = os.path.join(os.path.abspath(cache_dir), "demo-" + _settings_key(seed=seed, n_train=n_train,
-                                                                            n_val=n_val, warm=warm))
+                                                                            n_val=n_val, warm=warm, **extra))
     os.makedirs(root, exist_ok=True)
     paths = {"root": root}
-    paths["tokenizer"] = _build_once(os.path.join(root, "tokenizer"), "tokenizer", build_tokenizer)
+    paths["tokenizer"] = _build_once(os.path.join(root, "tokenizer"), f"tokenizer ({agent} agent)",
+                                     lambda d: build_tokenizer(d, agent))
     paths["data"] = _build_once(os.path.join(root, "data"), f"task parquet ({n_train} train / {n_val} val)",
                                 lambda d: write_task_parquet(d, n_train, n_val, seed))
     paths["train"] = os.path.join(paths["data"], "train.parquet")

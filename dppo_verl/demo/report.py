@@ -28,6 +28,7 @@ STALENESS = "training/off_policy/trajectory_staleness/max"  # verl, async traine
 MISMATCH = "actor/dppo/mismatch_abs_mean"  # mean |pi - mu| of the sampled token, in the loss
 PROBS_DIFF = "training/rollout_probs_diff_mean"  # verl's mean |pi_old - mu| (any loss; calculate_log_probs)
 STEP_TIME = "timing_s/step"
+NUM_TURNS_MEAN, NUM_TURNS_MAX = "num_turns/mean", "num_turns/max"  # verl: user + assistant + tool turns + 1
 VAL_CORE = "val-core/"
 
 
@@ -125,6 +126,9 @@ def format_step(step: int, total: int, data: dict, sec_per_step: float | None) -
     parts = [f"step {step}/{total}", f"reward {_fmt(_number(data, REWARD), '.3f')}", f"masked {masked}",
              f"{d_name} {_fmt(_number(data, DIVERGENCE), '.4f')}",
              f"|pi-mu| {_fmt(_number(data, MISMATCH, PROBS_DIFF), '.4f')}"]
+    turns = _number(data, NUM_TURNS_MEAN)
+    if turns is not None and _number(data, NUM_TURNS_MAX, NUM_TURNS_MEAN) > 2:  # multi-turn: tool calls happened
+        parts.append(f"turns {turns:.2f} (max {_number(data, NUM_TURNS_MAX):.0f})")
     stale = _number(data, STALENESS)
     if stale is not None:  # async trainers: how many policy versions behind the oldest trajectory was
         parts.append(f"stale {stale:.0f}")
@@ -248,8 +252,11 @@ def _save(plt, fig, out_png: str) -> None:
     plt.close(fig)
 
 
-def plot_run(metrics_jsonl: str, out_png: str, title: str | None = None) -> dict[str, list[str]]:
+def plot_run(metrics_jsonl: str, out_png: str, title: str | None = None,
+             extra_reward_series: dict | None = None) -> dict[str, list[str]]:
     """Four panels of one run (reward, masked fraction by advantage sign, mean divergence, mean |pi - mu|).
+    ``extra_reward_series`` (``{label: (steps, values)}``, values in [0, 1]) is drawn on the reward panel too,
+    e.g. the tool agent's tool-call rate.
 
     Returns ``{panel title: [metric keys drawn]}`` (empty list: the panel says "not logged").
     """
@@ -268,6 +275,9 @@ def plot_run(metrics_jsonl: str, out_png: str, title: str | None = None) -> dict
             drawn[panel.title].append(key)
         if panel.compare == (REWARD,):
             _draw_validation(ax, records, drawn[panel.title])
+            for label, (steps, values) in (extra_reward_series or {}).items():
+                ax.plot(steps, values, "^:", label=label)
+                drawn[panel.title].append(label)
         _finish_panel(ax, panel, bool(drawn[panel.title]))
     _save(plt, fig, out_png)
     return drawn

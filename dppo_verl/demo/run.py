@@ -33,7 +33,8 @@ import time
 from ..contract import CPU_PLATFORM, DEFAULT_NUM_TOPK, ENV_PLATFORM
 from . import report
 from . import resume as resume_mod
-from .assets import build_all
+from . import tool_demo
+from .assets import AGENTS, build_all
 from .resume import resume_overrides
 
 __all__ = ["demo_overrides", "run_demo", "compare", "main", "LOSSES"]
@@ -187,11 +188,15 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: int = 50, seed: int = 0, lr: float = 5e-4,
-             batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int = 12, run_name: str | None = None,
+             batch: int = 16, n: int = 4, minibatches: int = 4, response_length: int | None = None,
+             run_name: str | None = None,
              runs_dir: str = "runs", cache_dir: str = ".cache/demo", timeout_s: float = 1500,
              extra_overrides: tuple[str, ...] = (), extra_env: dict | None = None, engine: str = "fsdp",
-             trainer: str = "sync", save_freq: int = -1, resume: bool = False) -> dict:
+             trainer: str = "sync", save_freq: int = -1, resume: bool = False, agent: str = "single") -> dict:
     """One training run; returns the summary (also written to ``runs/<run>/summary.json``).
+
+    ``agent="tool"``: verl's multi-turn ``tool_agent`` loop with the demo's tool (:mod:`.tool_demo`); the
+    response length defaults to ``tool_demo.RESPONSE_LENGTH`` there, 12 otherwise.
 
     ``extra_overrides`` go after the demo's own (the later value wins in Hydra), ``extra_env`` into the trainer's
     environment (inherited by the local Ray cluster's workers). ``save_freq`` > 0 checkpoints every that many steps
@@ -200,18 +205,23 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
     """
     if loss not in LOSSES:
         raise ValueError(f"LOSS={loss!r} is not one of {', '.join(LOSSES)}")
+    if agent not in AGENTS:
+        raise ValueError(f"AGENT={agent!r} is not one of {', '.join(AGENTS)}")
     t0 = time.time()
-    assets = build_all(os.path.join(ROOT, cache_dir) if not os.path.isabs(cache_dir) else cache_dir, seed=seed)
+    assets = build_all(os.path.join(ROOT, cache_dir) if not os.path.isabs(cache_dir) else cache_dir, seed=seed,
+                       agent=agent)
     if engine not in ENGINES:
         raise ValueError(f"ENGINE={engine!r} is not one of {', '.join(ENGINES)}")
-    tags = "".join(f"-{t}" for t, default in ((engine, "fsdp"), (trainer, "sync")) if t != default)
+    if response_length is None:
+        response_length = tool_demo.RESPONSE_LENGTH if agent == "tool" else 12
+    tags = "".join(f"-{t}" for t, default in ((engine, "fsdp"), (trainer, "sync"), (agent, "single")) if t != default)
     name = run_name or f"{loss}{tags}-s{steps}-seed{seed}"
     run_dir = os.path.join(ROOT, runs_dir, name) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, name)
     os.makedirs(run_dir, exist_ok=True)
     overrides = demo_overrides(assets, loss=loss, k=k, steps=steps, seed=seed, lr=lr, batch=batch, n=n,
                                minibatches=minibatches, response_length=response_length, run_dir=run_dir,
                                engine=engine, trainer=trainer, save_freq=save_freq, resume=resume)
-    overrides += list(extra_overrides)
+    overrides += (tool_demo.tool_overrides(run_dir) if agent == "tool" else []) + list(extra_overrides)
     attempt_metrics, from_step = resume_mod.prepare_run_dir(run_dir, overrides, resume)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     cmd = [sys.executable, "-m", "dppo_verl.train", *overrides, f"trainer.experiment_name={name}"]
@@ -226,6 +236,7 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
     warmup = next((o.split("=", 1)[1] for o in reversed(extra_overrides)  # a later override wins, as in Hydra
                    if o.startswith("trainer.v1.colocate_async.num_warmup_batches=")), WARMUP_BATCHES)
     actor += "" if trainer == "sync" else f", {trainer} trainer ({warmup} warm-up batches ahead)"
+    actor += "" if agent == "single" else ", verl's tool_agent loop (reverse tool)"
     print(f"[demo] {loss}, {actor}, {steps} steps, K={k}, batch {batch} prompts x {n} samples -> {run_dir}", flush=True)
     if resume and not from_step:
         print(f"[demo] --resume: no complete checkpoint in {run_dir}/checkpoints yet: starting from step 1", flush=True)
@@ -236,7 +247,7 @@ def run_demo(*, loss: str = "dppo_tv_topk", k: int = DEFAULT_NUM_TOPK, steps: in
           f"full log: {os.path.join(run_dir, 'train.log')}", flush=True)
     proc = _launch(cmd, env, os.path.join(run_dir, "train.log"), resumed_from=from_step)
     rc, peak = _supervise(proc, attempt_metrics, metrics, steps, t0, timeout_s)
-    return _finish(run_dir, name, loss, steps, rc, t0, peak, timeout_s, trainer, from_step)
+    return _finish(run_dir, name, loss, steps, rc, t0, peak, timeout_s, trainer, from_step, agent)
 
 
 def _supervise(proc, attempt_metrics: str, metrics: str, steps: int, t0: float, timeout_s: float) -> tuple:
@@ -266,15 +277,20 @@ def _supervise(proc, attempt_metrics: str, metrics: str, steps: int, t0: float, 
     return rc, peak[0]
 
 
-def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="sync", from_step=None) -> dict:
+def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="sync", from_step=None,
+            agent="single") -> dict:
     records = report.latest_per_step(report.read_records(os.path.join(run_dir, "metrics.jsonl")))
     records = [r for r in records if report.REWARD in r["data"]]
     rewards = [r["data"][report.REWARD] for r in records]
     stale = [r["data"][report.STALENESS] for r in records if report.STALENESS in r["data"]]
     png = os.path.join(run_dir, f"{name}.png")
+    tool_stats = tool_demo.tool_call_stats(run_dir) if agent == "tool" else []
     if records:
         where = "the CPU demo" + ("" if trainer == "sync" else f", verl's {trainer} trainer")
-        report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on {where}")
+        where += "" if agent == "single" else ", verl's tool_agent"
+        extra = {"tool-call rate": ([s["step"] for s in tool_stats], [s["tool_call_rate"] for s in tool_stats])}
+        report.plot_run(os.path.join(run_dir, "metrics.jsonl"), png, title=f"{loss} on {where}",
+                        extra_reward_series=extra if tool_stats else None)
     summary = {"run": name, "loss": loss, "trainer": trainer, "steps_requested": steps, "steps_logged": len(records),
                "exit_code": rc, "timed_out": rc is None, "wall_s": round(time.time() - t0, 1),
                "resumed_from_step": from_step, "checkpointed_step": resume_mod.checkpointed_step(run_dir),
@@ -283,7 +299,11 @@ def _finish(run_dir, name, loss, steps, rc, t0, peak_bytes, timeout_s, trainer="
                "reward_first5_mean": sum(rewards[:5]) / len(rewards[:5]) if rewards else None,
                "reward_last5_mean": sum(rewards[-5:]) / len(rewards[-5:]) if rewards else None,
                "staleness_max": max(stale) if stale else None,  # async trainers: verl's trajectory staleness
-               "plot": png if records else None}
+               "agent": agent, "plot": png if records else None}
+    if agent == "tool":
+        turns = [r["data"].get(report.NUM_TURNS_MAX) for r in records]
+        summary.update(tool_demo.summarize(tool_stats), num_turns_max=max((t for t in turns if t is not None),
+                                                                           default=None))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print("[demo] " + json.dumps(summary), flush=True)
@@ -327,6 +347,8 @@ def main(argv=None) -> None:
     ap.add_argument("--engines", nargs="+", default=None, choices=ENGINES, help="compare: engines to run (default: --engine)")
     ap.add_argument("--trainer", default="sync", choices=TRAINERS,
                     help="verl's V1 trainer mode (colocate_async: rollouts one policy version stale, partial rollouts)")
+    ap.add_argument("--agent", default="single", choices=AGENTS,
+                    help="verl's agent loop: single (one turn) or tool (tool_agent, multi-turn, with the demo's tool)")
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--timeout", type=float, default=1500, help="hard limit for the whole run, seconds")
@@ -335,7 +357,7 @@ def main(argv=None) -> None:
                     help="continue the run of this name from its last checkpoint (same options; keeps metrics.jsonl)")
     a = ap.parse_args(argv)
     common = dict(k=a.k, steps=a.steps, seed=a.seed, lr=a.lr, batch=a.batch, n=a.n, minibatches=a.minibatches,
-                  runs_dir=a.runs_dir, timeout_s=a.timeout, trainer=a.trainer, save_freq=a.save_freq)
+                  runs_dir=a.runs_dir, timeout_s=a.timeout, trainer=a.trainer, save_freq=a.save_freq, agent=a.agent)
     if a.command == "compare":
         compare(a.losses, engines=tuple(a.engines or [a.engine]), **common)
     else:
