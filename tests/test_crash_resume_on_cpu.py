@@ -1,4 +1,4 @@
-"""Crash and resume (issue #17, item 4): a Top-K DPPO demo run with checkpoints is killed hard after a checkpoint and
+"""Crash and resume (issue #17, item 4), and the CI smoke of ``make demo`` (FSDP, sync, Top-K) on every step: a Top-K DPPO demo run with checkpoints is killed hard after a checkpoint and
 resumed with ``trainer.resume_mode=auto``.
 
 The demo runner (``python -m dppo_verl.demo run``, as ``make demo``, smoke-sized) trains 4 steps and checkpoints every
@@ -22,6 +22,7 @@ import time
 import pytest
 
 from dppo_verl.demo import report, resume
+from test_demo_smoke_on_cpu import check_smoke_run, check_smoke_step
 
 psutil = pytest.importorskip("psutil")
 
@@ -107,11 +108,8 @@ def test_killed_topk_run_resumes_after_its_checkpoint(tmp_path):
     second = report.read_records(str(run_dir / resume.ATTEMPTS / "metrics-2.jsonl"))
     assert first[:KILL_AFTER] == list(range(1, KILL_AFTER + 1))
     assert [r["step"] for r in second] == list(range(SAVE_FREQ + 1, STEPS + 1))  # continues after the checkpoint
-    for r in second:  # the Top-K path after the resume
-        data = r["data"]
-        assert data[report.SUPPORT] > 1 and data[report.TOPK_VALID] == 1.0, data
-        bad = {k: v for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)}
-        assert not bad, bad
+    for r in records:  # every step of both attempts: what the `make demo` smoke checks (Top-K path, pi_old skipped)
+        check_smoke_step(r["data"])
 
     log = (run_dir / "train.log").read_text()
     assert log.count(resume.RESUME_MARK) == 1, "train.log of the killed attempt was not kept"
@@ -124,3 +122,4 @@ def test_killed_topk_run_resumes_after_its_checkpoint(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == SAVE_FREQ and summary["steps_logged"] == STEPS
     assert summary["checkpointed_step"] == STEPS  # verl saves at the last step too
+    check_smoke_run(summary, (tmp_path / "runner1.out").read_text(), STEPS - SAVE_FREQ)
