@@ -70,7 +70,7 @@ rehearse: venv
 	$(PY) -m dppo_verl.demo.rehearse $(if $(EXAMPLE),--example $(EXAMPLE),)
 
 test: venv
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q --durations=25 $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) benchmarks/bench_vocab_parallel.py
