@@ -17,7 +17,7 @@ import torch
 from ...contract import ROLLOUT_LOG_PROBS, ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS, ROLLOUT_NUM_TOPK, TOPK_KEYS
 
 __all__ = ["sequence_lengths", "response_values", "total_rows", "response_rows", "packed_support_inputs",
-           "layout_like_logits", "megatron_layout_of"]
+           "layout_like_logits", "megatron_layout_of", "flat_fields", "logit_slabs"]
 
 
 def sequence_lengths(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,3 +164,18 @@ def layout_like_logits(x: torch.Tensor, offsets: torch.Tensor, data_format: Opti
         return require(util, "preprocess_bshd_engine")(
             nested, pre_process=True, use_fp8_padding=m.use_fp8_padding, forced_max_seqlen=m.forced_max_seqlen)[0]
     raise ValueError(f"unknown data_format {data_format!r} from the Megatron engine")
+
+
+def flat_fields(laid: dict, n_lead: int) -> dict:
+    """The laid-out tensors with their ``n_lead`` leading (row) dims merged into one: ``[b, s, ...]`` -> ``[b * s, ...]``."""
+    return {k: v.reshape((-1,) + tuple(v.shape[n_lead:])) for k, v in laid.items()}
+
+
+def logit_slabs(student_logits: torch.Tensor, laid: dict) -> list:
+    """``[b, s, V_local]`` logits and per-row tensors ``[b, s, ...]`` -> 2-D ``(logits [r, V_local], {key: [r, ...]})``
+    slabs: one ``[b * s, V_local]`` view when the logits are contiguous (both engines hand them over so), else one
+    per ``b`` (each ``logits[b]`` a 2-D view): never a copy of the logits."""
+    lead = tuple(student_logits.shape[:-1])
+    if student_logits.is_contiguous():
+        return [(student_logits.view(-1, student_logits.shape[-1]), flat_fields(laid, len(lead)))]
+    return [(student_logits[b], {k: v[b] for k, v in laid.items()}) for b in range(lead[0])]

@@ -61,6 +61,7 @@ def excluded_outputs(student_logits: torch.Tensor, ids: SampledIds, *, tp_group=
     """Binary modes' logits-processor call: ``dppo_excluded_log_ratio`` ``[b, s]`` (the logits' leading shape), from
     verl's own labels for these logits (the engine call in progress, :mod:`.engine_context`)."""
     from .engine_context import current_call
+    from .layout import logit_slabs
 
     call = current_call()
     labels = None if call is None else call.labels
@@ -71,11 +72,6 @@ def excluded_outputs(student_logits: torch.Tensor, ids: SampledIds, *, tp_group=
             f"({None if labels is None else list(labels.shape)}), so the mass on ids the rollout never samples "
             f"cannot be measured; the actor integration must be active (or set {SAMPLED_IDS_KNOB}=all if the "
             "rollout samples from every head row)")
-    labels = labels.reshape(lead)
-    if student_logits.is_contiguous():  # both engines: one [b * s, V_local] view
-        g = excluded_stats(student_logits.view(-1, student_logits.shape[-1]), labels.reshape(-1), ids,
-                           tp_group=tp_group).log_ratio
-    else:  # one 2-D view per b, never a copy of the logits
-        g = torch.stack([excluded_stats(student_logits[b], labels[b], ids, tp_group=tp_group).log_ratio
-                         for b in range(lead[0])])
-    return {OUT_EXCLUDED: g.view(lead)}
+    g = [excluded_stats(logits, part["labels"], ids, tp_group=tp_group).log_ratio
+         for logits, part in logit_slabs(student_logits, {"labels": labels.reshape(lead)})]
+    return {OUT_EXCLUDED: torch.stack(g).view(lead)}

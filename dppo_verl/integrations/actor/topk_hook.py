@@ -33,7 +33,7 @@ from ...ops.predictive import predictive_ddot
 from ...ops.sampled_vocab import excluded_stats, renormalize_support
 from ...ops.support import build_support
 from ...ops.vocab_parallel import vocab_parallel_stats
-from .layout import layout_like_logits, megatron_layout_of, packed_support_inputs
+from .layout import flat_fields, layout_like_logits, logit_slabs, megatron_layout_of, packed_support_inputs
 
 __all__ = ["topk_outputs"]
 
@@ -70,11 +70,6 @@ def _row_outputs(logits: torch.Tensor, sup, part: dict, row_valid: torch.Tensor,
     return out
 
 
-def _flat_rows(laid: dict, n_lead: int) -> dict:
-    """The laid-out tensors with their ``n_lead`` leading (row) dims merged into one: ``[b, s, ...]`` -> ``[b * s, ...]``."""
-    return {k: v.reshape((-1,) + tuple(v.shape[n_lead:])) for k, v in laid.items()}
-
-
 def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, grad: bool,
                    checks, sampled_ids) -> dict:
     """``policy_loss.fused_logprobs``: every row at once through one Triton pass that also yields verl's
@@ -85,7 +80,7 @@ def _fused_outputs(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vo
     handoff.require_triton(student_logits)
     labels = handoff.current_labels(student_logits)
     lead = tuple(student_logits.shape[:-1])
-    flat = _flat_rows(laid, len(lead))
+    flat = flat_fields(laid, len(lead))
     row_valid = flat["row_valid"].bool()
     sup = build_support(flat["sampled"], flat["mu"], flat["topk_ids"], flat["topk_logp"], vocab_size=vocab,
                         num_topk=knobs.num_topk, row_valid=row_valid, checks=checks)
@@ -150,12 +145,8 @@ def _all_rows(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: 
     """Every row ``[b, s]`` in one pass over ``[b * s, V_local]`` (a view when the logits are contiguous, as both
     engines hand them over), else one pass per ``b`` (each ``logits[b]`` a 2-D view, never a copy)."""
     lead = tuple(student_logits.shape[:-1])
-    if student_logits.is_contiguous():
-        slabs = [(student_logits.view(-1, student_logits.shape[-1]), _flat_rows(laid, len(lead)))]
-    else:
-        slabs = [(student_logits[b], {k: v[b] for k, v in laid.items()}) for b in range(lead[0])]
     rows = []
-    for logits, part in slabs:
+    for logits, part in logit_slabs(student_logits, laid):
         row_valid = part["row_valid"].bool()
         sup = build_support(part["sampled"], part["mu"], part["topk_ids"], part["topk_logp"], vocab_size=vocab,
                             num_topk=knobs.num_topk, row_valid=row_valid, checks=checks)
