@@ -4,7 +4,9 @@ What is timed is the whole step verl runs for a mini-batch (forward, loss, backw
 Qwen2 body (hidden 64, 1 layer) under a full-size vocabulary (V = 151936, Qwen2/3) and a small one (V = 512). The
 body is kept tiny on purpose so the vocabulary-sized work (LM head, log-softmax, our Top-K op) dominates, as it
 does per token in a real model; at V = 512 that work is negligible and any difference between modes is pure
-overhead of the plugin's code path.
+overhead of the plugin's code path. The tokenizer covers the head as a real one does (V = 151936: 151665 tokens,
+Qwen2.5/3's 271 padding rows, which verl's vLLM server never samples and the DPPO modes renormalise away,
+``ops.sampled_vocab``; V = 512: the 400-token test tokenizer), and the rollout samples only covered ids.
 
 Modes: ``vanilla`` (verl's PPO loss), ``dppo_tv_binary``, ``dppo_tv_topk`` (K = 20, synthetic rollout top-K rows
 built from the model's own initial logits plus noise, so the divergences are realistic and every row is valid).
@@ -48,12 +50,17 @@ from bench_vocab_parallel import _HONEST_MALLOC, _commit, _machine, _rss_kib  # 
 MODES = ("vanilla", "dppo_tv_binary", "dppo_tv_topk")
 K = 20
 V_FULL, V_SMALL = 151936, 512
-# name -> (samples, prompt length, response length, samples per micro-batch, timed rounds, vocabularies)
+# name -> (samples, prompt length, response length, samples per micro-batch, timed rounds at the full and at the
+# small vocabulary, vocabularies). A small-vocabulary round costs ~0.1 s: many of them, so that a 5% difference of
+# pure overhead is resolved on shared cores (3 rounds there swung binary/vanilla between 0.95 and 1.47).
 PRESETS = {
-    "full": dict(samples=12, prompt=16, response=240, micro=3, reps=5, vocabs=(V_FULL, V_SMALL)),
-    "quick": dict(samples=4, prompt=16, response=128, micro=2, reps=3, vocabs=(V_FULL, V_SMALL)),
-    "smoke": dict(samples=2, prompt=4, response=8, micro=1, reps=1, vocabs=(2048, 256)),
+    "full": dict(samples=12, prompt=16, response=240, micro=3, reps=5, reps_small=31, vocabs=(V_FULL, V_SMALL)),
+    "quick": dict(samples=4, prompt=16, response=128, micro=2, reps=3, reps_small=21, vocabs=(V_FULL, V_SMALL)),
+    "smoke": dict(samples=2, prompt=4, response=8, micro=1, reps=1, reps_small=1, vocabs=(2048, 256)),
 }
+# Head rows the tokenizer does not cover (never sampled by verl's vLLM server: ops.sampled_vocab): Qwen2.5/Qwen3 pad
+# a 151665-token tokenizer to a 151936-row head (271 rows); the small vocabulary keeps a few such rows too.
+HEAD_PADDING = {V_FULL: 271}
 
 
 def build_inputs(workdir: str, vocab: int, p: dict, seed: int = 0) -> str:
@@ -63,18 +70,24 @@ def build_inputs(workdir: str, vocab: int, p: dict, seed: int = 0) -> str:
     from tiny_model import build_tiny_model
 
     model_dir = os.path.join(workdir, f"qwen2_v{vocab}")
-    build_tiny_model(model_dir, vocab=vocab, hidden=64, layers=1, seed=seed)
+    padded = HEAD_PADDING.get(vocab)
+    build_tiny_model(model_dir, vocab=vocab, hidden=64, layers=1, seed=seed,
+                     tokenizer_size=None if padded is None else vocab - padded)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    from transformers import AutoTokenizer
+
+    samplable = len(AutoTokenizer.from_pretrained(model_dir))  # verl's vLLM server samples ids below it only
     g = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(p["samples"]):
-        prompt = torch.randint(3, vocab, (p["prompt"],), generator=g)
-        resp = torch.randint(3, vocab, (p["response"],), generator=g)
+        prompt = torch.randint(3, samplable, (p["prompt"],), generator=g)
+        resp = torch.randint(3, samplable, (p["response"],), generator=g)
         ids = torch.cat([prompt, resp])
         with torch.no_grad():  # fp32 [S, V]: one sample at a time, no batch-sized V-wide temporary
             rows = model(ids[None]).logits[0, p["prompt"] - 1 : -1].float()
         z_mu = rows + 0.7 * torch.randn(rows.shape, generator=g)  # the sampler's logits: close to, not equal to, pi
         z_mu[torch.arange(len(resp))[::2], resp[::2]] += 8.0  # every other sampled token inside the top-K
+        z_mu[:, samplable:] = float("-inf")  # the server's mask on the head rows the tokenizer does not cover
         lq = torch.log_softmax(z_mu, -1)
         top_lq, top_ids = lq.topk(K, -1)
         r = len(resp)
@@ -171,7 +184,8 @@ def _time_one(model_dir: str, p: dict) -> dict:
     workers = {m: make_worker(model_dir, m, len(samples), p["micro"]) for m in MODES}
     warmup = {m: step(workers[m], samples, m) for m in MODES}  # includes torch.compile of our op
     times = {m: [] for m in MODES}
-    for r in range(p["reps"]):
+    reps = p["reps"] if vocab_of(model_dir) == max(p["vocabs"]) else p["reps_small"]
+    for r in range(reps):
         order = MODES if r % 2 == 0 else MODES[::-1]  # alternate the order: no mode always runs after another
         for m in order:
             gc.collect()

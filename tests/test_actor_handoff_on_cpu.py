@@ -125,3 +125,51 @@ def test_hook_checks_wait_for_the_loss_and_are_never_dropped():
         for _ in range(handoff._MAX_PENDING):
             handoff.defer_hook_checks(one(False))
     assert handoff.take_hook_checks() is None
+
+
+def _nested_micro_batch(p_lens, r_lens, max_response_len, seed=0):
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(seed)
+    nest = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
+    td = TensorDict({"prompts": nest([torch.randint(0, 50, (p,), generator=g) for p in p_lens]),
+                     "responses": nest([torch.randint(0, 50, (r,), generator=g) for r in r_lens]),
+                     "rollout_log_probs": nest([-torch.rand(r, generator=g) for r in r_lens])},
+                    batch_size=[len(p_lens)])
+    if max_response_len is not None:
+        tu.assign_non_tensor(td, max_response_len=max_response_len)
+    return td
+
+
+@pytest.mark.parametrize("max_response_len", [None, 9])
+def test_one_scatter_padding_equals_verls_no_padding_2_padding(max_response_len):
+    """The hand-off pads every model output (and rollout_log_probs) with one shared index; verl's own per-sample
+    ``no_padding_2_padding`` is the reference, value for value, dtype kept (one int64 output beside fp32 ones)."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    from dppo_verl.integrations.actor.layout import jagged_parts, pad_model_outputs, response_padding
+    from dppo_verl.integrations.actor.loss_wrapper import _padded_field
+
+    p_lens, r_lens = [3, 1, 5], [4, 7, 1]
+    data = _nested_micro_batch(p_lens, r_lens, max_response_len)
+    seqs = [p + r for p, r in zip(p_lens, r_lens)]
+    g = torch.Generator().manual_seed(1)
+    nest = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
+    outputs = {"a": nest([torch.randn(s, generator=g) for s in seqs]),
+               "b": nest([torch.randn(s, generator=g) for s in seqs]),
+               "c": nest([torch.randint(-5, 5, (s,), generator=g) for s in seqs])}
+    pad = response_padding(data)
+    got = pad_model_outputs(pad, outputs)
+    for key, x in outputs.items():
+        want = no_padding_2_padding(x, data)
+        assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
+        values, offsets = jagged_parts(x)  # the fast field read agrees with the public calls
+        assert torch.equal(values, x.values()) and torch.equal(offsets, x.offsets())
+    # a response-only field, padded to the same [B, T]: the rollout log-probs at their response positions
+    lp = _padded_field(data, "rollout_log_probs", pad=pad)
+    width = max_response_len or max(r_lens)
+    assert list(lp.shape) == [len(r_lens), width]
+    for b, r in enumerate(r_lens):
+        assert torch.equal(lp[b, :r], data["rollout_log_probs"][b]) and not lp[b, r:].any()
+    assert tu.get_non_tensor_data(data=data, key="max_response_len", default=-1) in (-1, 9)

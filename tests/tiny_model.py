@@ -5,18 +5,27 @@ from __future__ import annotations
 import torch
 
 
-def build_tiny_model(path: str, vocab: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0) -> None:
+def build_tiny_model(path: str, vocab: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0,
+                     tokenizer_size: int | None = None) -> None:
+    """``tokenizer_size``: a word-level tokenizer of exactly that many tokens (e.g. a real model's ``len(tokenizer)``
+    under a padded head: Qwen2.5's 151665 under 151936 rows) instead of the small BPE one trained here."""
     assert vocab > 112 and hidden % 4 == 0, (vocab, hidden)  # BPE merges need room; 4 attention heads
+    assert tokenizer_size is None or 3 <= tokenizer_size <= vocab, (tokenizer_size, vocab)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [f"the quick brown fox {i} jumps over the lazy dog {i * 7} times" for i in range(200)]
-    trainer = trainers.BpeTrainer(vocab_size=vocab - 112, special_tokens=["<pad>", "<eos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer=trainer)
+    if tokenizer_size is not None:
+        words = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(3, tokenizer_size)])}
+        tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        corpus = [f"the quick brown fox {i} jumps over the lazy dog {i * 7} times" for i in range(200)]
+        trainer = trainers.BpeTrainer(vocab_size=vocab - 112, special_tokens=["<pad>", "<eos>", "<unk>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(corpus, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     hf_tok.save_pretrained(path)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

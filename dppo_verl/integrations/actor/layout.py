@@ -10,21 +10,38 @@ the logits exactly as verl's distillation tensors do.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ...contract import ROLLOUT_LOG_PROBS, ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS, ROLLOUT_NUM_TOPK, TOPK_KEYS
 
-__all__ = ["sequence_lengths", "response_values", "total_rows", "response_rows", "packed_support_inputs",
-           "layout_like_logits", "megatron_layout_of", "flat_fields", "logit_slabs"]
+__all__ = ["jagged_parts", "sequence_lengths", "response_values", "total_rows", "response_rows",
+           "packed_support_inputs", "layout_like_logits", "megatron_layout_of", "flat_fields", "logit_slabs",
+           "ResponsePadding", "response_padding", "pad_responses", "pad_model_outputs"]
+
+
+def jagged_parts(x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(values [sum L, ...], offsets [B + 1])`` of a jagged nested tensor (verl's engine path), None for a dense one.
+
+    Read from the nested tensor's own fields when it has them: ``x.values()`` / ``x.offsets()`` / ``x.is_nested``
+    dispatch through the nested subclass, some 50 us per ``values()`` on a CPU, paid several times per micro-batch
+    (the plugin's whole per-micro-batch budget at a small vocabulary is a few ms). The public calls remain the
+    fallback, and a test compares the two."""
+    values, offsets = getattr(x, "_values", None), getattr(x, "_offsets", None)
+    if isinstance(values, torch.Tensor) and isinstance(offsets, torch.Tensor) and getattr(x, "_lengths", None) is None:
+        return values, offsets
+    if x.is_nested:
+        return x.values(), x.offsets()
+    return None
 
 
 def sequence_lengths(data) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample prompt and response lengths ``([B], [B])``, exactly as verl's ``no_padding_2_padding``."""
     prompts, responses = data["prompts"], data["responses"]
-    if prompts.is_nested:
-        return prompts.offsets().diff(), responses.offsets().diff()
+    p_parts = jagged_parts(prompts)
+    if p_parts is not None:
+        return p_parts[1].diff(), jagged_parts(responses)[1].diff()
     attn = data["attention_mask"]
     p = prompts.shape[1]
     return attn[:, :p].sum(1), attn[:, p:].sum(1)
@@ -36,8 +53,9 @@ def response_values(name: str, x: torch.Tensor, resp_lens: torch.Tensor, checks=
     Nested (verl's engine path): ``x.values()``, no device read; the per-sample lengths are compared on the device
     and the flag queued on ``checks`` (a :class:`~dppo_verl.ops.checks.DeferredChecks`; None reads it here).
     Right-padded (outside verl's engine): a boolean gather, which reads the device (data-dependent shape)."""
-    if x.is_nested:
-        got = x.offsets().diff()
+    parts = jagged_parts(x)
+    if parts is not None:
+        got = parts[1].diff()
         own = checks is None
         if own:
             from ...ops.checks import DeferredChecks
@@ -50,7 +68,7 @@ def response_values(name: str, x: torch.Tensor, resp_lens: torch.Tensor, checks=
             f"(first at sample {idx[0]})"))
         if own:
             checks.run()
-        return x.values()
+        return parts[0]
     if x.shape[1] < int(resp_lens.max()):
         raise ValueError(f"{name} has shape {list(x.shape)}: shorter than the longest response ({int(resp_lens.max())})")
     keep = torch.arange(x.shape[1], device=x.device)[None, :] < resp_lens.to(x.device)[:, None]  # [B, T]
@@ -60,8 +78,9 @@ def response_values(name: str, x: torch.Tensor, resp_lens: torch.Tensor, checks=
 def total_rows(data) -> tuple[int, int]:
     """(N, R): packed full-sequence rows and response tokens of the micro-batch, host ints. Nested inputs (verl's
     engine path) carry them in their values' shapes (no device read); the padded form reads the attention mask."""
-    if data["prompts"].is_nested and data["responses"].is_nested:
-        return data["prompts"].values().shape[0] + data["responses"].values().shape[0], data["responses"].values().shape[0]
+    prompts, responses = jagged_parts(data["prompts"]), jagged_parts(data["responses"])
+    if prompts is not None and responses is not None:
+        return prompts[0].shape[0] + responses[0].shape[0], responses[0].shape[0]
     p_lens, r_lens = sequence_lengths(data)
     return int((p_lens + r_lens).sum()), int(r_lens.sum())
 
@@ -71,6 +90,64 @@ def response_rows(starts: torch.Tensor, r_lens: torch.Tensor, total: int) -> tor
     output size: without it ``repeat_interleave`` reads the device to size its output."""
     first = torch.repeat_interleave(r_lens.cumsum(0) - r_lens, r_lens, output_size=total)  # [sum R]
     return torch.repeat_interleave(starts, r_lens, output_size=total) + torch.arange(total, device=r_lens.device) - first
+
+
+class ResponsePadding(NamedTuple):
+    """Where each response token of a micro-batch goes in the padded ``[B, T]`` layout verl's
+    ``no_padding_2_padding`` gives ``log_prob`` / ``old_log_probs`` (T = ``max_response_len``, else the longest
+    response; the dense legacy layout keeps its padded width). ``R = sum_b R_b``."""
+
+    shape: tuple  # (B, T)
+    dst: torch.Tensor  # [R] flat index into [B * T]
+    full_rows: torch.Tensor  # [R] row in the packed full-sequence values (model outputs): offsets[b] + P_b - 1 + j
+    r_lens: torch.Tensor  # [B]
+
+
+def response_padding(data) -> ResponsePadding:
+    """The micro-batch's :class:`ResponsePadding`, computed once and shared by every field the hand-off pads. No device
+    read with verl's nested micro-batches when ``max_response_len`` is set (verl's engine path sets it)."""
+    from verl.utils import tensordict_utils as tu
+
+    p_lens, r_lens = sequence_lengths(data)
+    n, r_total = total_rows(data)
+    responses = jagged_parts(data["responses"])
+    if responses is None:
+        width = data["responses"].shape[1]  # dense legacy layout: verl keeps the padded width
+    else:
+        width = tu.get_non_tensor_data(data=data, key="max_response_len", default=-1)
+        if width is None or width < 0:
+            cached = getattr(data["responses"], "_maybe_max_seqlen", None)
+            width = int(r_lens.max()) if cached is None else cached
+    width, b = int(width), len(r_lens)
+    seq_ends = (p_lens + r_lens).cumsum(0)
+    dst = response_rows(torch.arange(b, device=r_lens.device) * width, r_lens, r_total)
+    full_rows = response_rows(seq_ends - r_lens - 1, r_lens, r_total)
+    return ResponsePadding((b, width), dst, full_rows, r_lens)
+
+
+def pad_responses(pad: ResponsePadding, values: torch.Tensor) -> torch.Tensor:
+    """Packed response values ``[R, ...]`` -> ``[B, T, ...]``, zero-padded, by one scatter (no boolean mask)."""
+    b, width = pad.shape
+    out = values.new_zeros((b * width,) + tuple(values.shape[1:]))
+    out[pad.dst.to(values.device)] = values
+    return out.view((b, width) + tuple(values.shape[1:]))
+
+
+def pad_model_outputs(pad: ResponsePadding, outputs: dict) -> dict:
+    """Per-row model outputs over the full sequences (nested ``[B, S_b]`` or packed ``[N]``, as the engine returns
+    them) -> ``[B, T]`` each, the values verl's ``no_padding_2_padding`` gives, in one gather and one scatter per dtype
+    instead of verl's per-sample loop per output (which also reads the device)."""
+    flat = {}
+    for key, x in outputs.items():
+        parts = jagged_parts(x)
+        flat[key] = x if parts is None else parts[0]
+    padded = {}
+    for dtype in {v.dtype for v in flat.values()}:
+        keys = [k for k, v in flat.items() if v.dtype == dtype]
+        stacked = torch.stack([flat[k] for k in keys], -1)  # [N, F]
+        rows = pad_responses(pad, stacked[pad.full_rows.to(stacked.device)])  # [B, T, F]
+        padded.update(zip(keys, rows.unbind(-1)))
+    return {k: padded[k] for k in outputs}
 
 
 def packed_support_inputs(data, num_topk: int, checks=None) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from ...handoff import HandOff, defer_hook_checks, handoff_scope, take_hook_chec
 from ...ops.checks import DeferredChecks
 from ...losses import MAX_METRICS
 from ..patching import patch_attr
-from .layout import response_rows, response_values, sequence_lengths
+from .layout import pad_model_outputs, pad_responses, response_padding, response_values
 
 __all__ = ["apply_ppo_loss_wrapper", "PATCH", "SIGNATURE"]
 
@@ -40,29 +40,15 @@ _MODEL_OUTPUT_TO_FIELD = {OUT_DIVERGENCE: "divergence", OUT_SUPPORT_SIZE: "suppo
                           OUT_TOPK_VALID: "topk_valid", OUT_EXCLUDED: "excluded_log_ratio"}
 
 
-def _padded_field(data, key, checks=None):
+def _padded_field(data, key, checks=None, pad=None):
     """``data[key]`` (response-only, nested or padded) as ``[B, T]`` padded exactly like verl pads ``log_prob``
-    in ``no_padding_2_padding`` (T = ``max_response_len`` or the longest response), or None when absent.
-    No device read in verl's engine path (nested fields, ``max_response_len`` set): the length check is queued on
-    ``checks`` and the values are scattered by index, not by a boolean mask."""
+    in ``no_padding_2_padding`` (:class:`~.layout.ResponsePadding`), or None when absent. No device read in verl's
+    engine path (nested fields, ``max_response_len`` set): the length check is queued on ``checks`` and the values
+    are scattered by index, not by a boolean mask."""
     if key not in data.keys():
         return None
-    from verl.utils import tensordict_utils as tu
-
-    _, r_lens = sequence_lengths(data)
-    width = tu.get_non_tensor_data(data=data, key="max_response_len", default=-1)
-    if width is None or width < 0:
-        cached = getattr(data["responses"], "_maybe_max_seqlen", None) if data["responses"].is_nested else None
-        width = int(r_lens.max()) if cached is None else cached
-    width = int(width)
-    if not data["prompts"].is_nested:
-        width = data["responses"].shape[1]  # dense legacy layout: verl keeps the padded width
-    values = response_values(key, data[key], r_lens, checks)  # [sum R, ...]
-    b = len(r_lens)
-    out = values.new_zeros((b * width,) + tuple(values.shape[1:]))
-    rows = response_rows(torch.arange(b, device=values.device) * width, r_lens.to(values.device), values.shape[0])
-    out[rows] = values
-    return out.view((b, width) + tuple(values.shape[1:]))
+    pad = response_padding(data) if pad is None else pad
+    return pad_responses(pad, response_values(key, data[key], pad.r_lens, checks))  # [sum R, ...] -> [B, T, ...]
 
 
 def _describe_token(data, b: int, t: int) -> str:
@@ -78,14 +64,13 @@ def _describe_token(data, b: int, t: int) -> str:
 
 
 def _handoff_from(model_output, data) -> HandOff:
-    from verl.workers.utils.padding import no_padding_2_padding
-
     checks = take_hook_checks() or DeferredChecks()  # the hook's (Top-K), then the hand-off's own
-    handoff = HandOff(rollout_log_probs=_padded_field(data, ROLLOUT_LOG_PROBS, checks),
+    pad = response_padding(data)  # one index for every field below
+    handoff = HandOff(rollout_log_probs=_padded_field(data, ROLLOUT_LOG_PROBS, checks, pad),
                       describe_token=functools.partial(_describe_token, data), checks=checks)
-    for key, attr in _MODEL_OUTPUT_TO_FIELD.items():
-        if model_output is not None and key in model_output:
-            setattr(handoff, attr, no_padding_2_padding(model_output[key], data))
+    ours = {key: model_output[key] for key in _MODEL_OUTPUT_TO_FIELD if model_output is not None and key in model_output}
+    for key, value in pad_model_outputs(pad, ours).items():
+        setattr(handoff, _MODEL_OUTPUT_TO_FIELD[key], value)
     return handoff
 
 
