@@ -17,6 +17,11 @@ ROLLOUT_LOG_PROBS = "rollout_log_probs"  # [B, T] fp32 log mu(a_t) (verl's own k
 ROLLOUT_TOPK_IDS = "rollout_topk_ids"  # [B, T, K] int32, the engine's ranks 1..K, untouched
 ROLLOUT_TOPK_LOGPROBS = "rollout_topk_logprobs"  # [B, T, K] fp32, -inf where a rank is missing
 TOPK_KEYS = (ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS)
+OLD_LOG_PROBS = "old_log_probs"  # [B, T] fp32 log pi_old(a_t), verl's recomputation (its own key)
+# [B, T, K] fp32 log pi_old at the rollout's top-K ids, -inf where the rollout's rank is missing: written by verl's
+# pi_old pass for the Top-K modes (integrations.actor.old_topk), read by anchor=old and masked_at_start_frac
+OLD_TOPK_LOGPROBS = "old_topk_logprobs"
+OUT_OLD_TOPK_PREFIX = "dppo_old_topk_"  # + k: [N] one rank of it per engine output (verl's outputs are 1-D per row)
 # extra_fields only (popped before the batch): the tool agent's rows cover this many assistant turns
 TOPK_TURNS = "dppo_topk_turns"
 

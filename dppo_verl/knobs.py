@@ -43,7 +43,9 @@ class DPPOKnobFields:
         truncation_cap: C of Eq. 11, the cap of the stop-gradient importance ratio (keep it large).
         num_topk: K, the number of rollout top-K logprobs per token (must equal the rollout's
             ``+actor_rollout_ref.rollout.custom.dppo_num_topk``).
-        anchor: ``rollout`` (mu, the paper's choice) or ``old`` (recomputed pi_old; ablation, binary only).
+        anchor: ``rollout`` (mu, the paper's choice) or ``old`` (decoupled: Eq. 12's trust region around verl's
+            recomputed pi_old, over the same support, while Eq. 11's weight stays min(pi / mu, C); needs verl's
+            pi_old pass, which the Top-K modes extend with ``old_topk_logprobs``, :mod:`.integrations.actor.old_topk`).
         direction: ``sampled`` (Eq. 12's test on pi_t - mu_t) or ``predictive`` (Top-K only: the sign of the rate
             D_dot_t at which the update changes the Top-K divergence, :mod:`dppo_verl.ops.predictive`).
         delta_seq: TRM sequence veto: drop a whole response when ``seq_agg_t D_t > delta_seq``; null = off.
@@ -148,11 +150,9 @@ def _check_knobs(knobs: dict[str, Any]) -> None:
 
 
 def _check_mode_knobs(loss_mode: str, parsed: LossMode, knobs: dict[str, Any]) -> None:
-    if parsed.is_topk and knobs["anchor"] == "old":
-        raise ValueError(
-            f"{POLICY_LOSS}.anchor=old is not available for {loss_mode}: the Top-K support and its mu come from the "
-            "rollout engine, there is no recomputed pi_old distribution; use anchor=rollout or a binary mode"
-        )
+    if knobs["anchor"] == "old" and knobs["fused_logprobs"]:
+        raise ValueError(f"{POLICY_LOSS}.fused_logprobs=True is not available with anchor=old ({loss_mode}): set "
+                         "fused_logprobs=False")
     if knobs["direction"] == "predictive" and not parsed.is_topk:
         # For the binary support {a_t}, d pi_k / d eps = pi_k (1 - 2 pi_k + sum pi^2) >= 0: D_dot has the sign of
         # pi_k - mu_k, so the predictive test would silently equal the sampled one (dppo_verl.ops.predictive).

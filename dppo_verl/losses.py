@@ -155,18 +155,20 @@ def compute_dppo_loss(
     describe_token=None,
     checks: Optional[DeferredChecks] = None,
     log_excluded_mass: Optional[torch.Tensor] = None,
+    anchor_logp: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss (module docstring) and metrics from per-token tensors ``[B, T]`` (``divergence`` already computed).
     ``topk_valid``: the Top-K hook's row status codes (``dppo_topk_valid``); any invalid response token raises,
     named through ``describe_token(b, t)`` when given. ``checks``: data checks to read with the metrics (one read).
     ``log_excluded_mass``: ``log m_t``, the trainer's mass on ids the rollout never samples (``log_prob`` already
-    normalised without them); None when there are none."""
+    normalised without them); None when there are none. ``anchor_logp``: Eq. 12's anchor at a_t when it is not mu
+    (``anchor=old``: pi_old, the decoupled trust region; Eq. 11's weight stays min(pi / mu, C))."""
     from verl.trainer.ppo.core_algos import agg_loss
 
     mask = response_mask.bool()
     lp = log_prob.detach().float()
     mu = mu_logp.float()
-    view = TokenView(divergence.float(), lp, mu, advantages, mask, push)
+    view = TokenView(divergence.float(), lp, mu if anchor_logp is None else anchor_logp.float(), advantages, mask, push)
     shaped = get_loss_shape(knobs.shape).fn(view, knobs)
     seq_keep = torch.ones(mask.shape[:-1], dtype=torch.bool, device=mask.device)  # [B]
     if knobs.delta_seq is not None:
@@ -191,13 +193,20 @@ def compute_dppo_loss(
     return pg_loss, _metrics(parts, mask, knobs.truncation_cap, checks)
 
 
+def _weighs_against_mu(knobs: DPPOKnobs) -> bool:
+    """Eq. 11's weight is min(pi / mu, C) for the rollout anchor and for Top-K ``anchor=old`` (decoupled: only Eq. 12's
+    trust region moves to pi_old); binary ``anchor=old`` weighs against pi_old too (verl's own dppo_tv / dppo_kl)."""
+    return knobs.anchor == "rollout" or knobs.estimator == "topk"
+
+
 def _mu_from(handoff: Optional[HandOff], old_log_prob, knobs: DPPOKnobs, mode: str) -> torch.Tensor:
-    if knobs.anchor == "old":
+    """The denominator of Eq. 11's weight (:func:`_weighs_against_mu`)."""
+    if not _weighs_against_mu(knobs):
         return old_log_prob
     if handoff is None or handoff.rollout_log_probs is None:
         raise ValueError(
             f"{mode}: the rollout log-probs mu (batch key '{ROLLOUT_LOG_PROBS}') did not reach the loss. Set "
-            f"{_ENABLE_MU}. (policy_loss.anchor=old anchors on the recomputed pi_old instead; an ablation only.)"
+            f"{_ENABLE_MU}. (A Top-K mode weighs every token by min(pi/mu, C) for either anchor.)"
         )
     return handoff.rollout_log_probs
 
@@ -296,15 +305,18 @@ def _policy_loss(
     mask = response_mask.bool()
     handoff = current_handoff()
     mu = _mu_from(handoff, old_log_prob, knobs, loss_mode)
-    mu_name = ROLLOUT_LOG_PROBS if knobs.anchor == "rollout" else "old_log_prob"
+    mu_name = ROLLOUT_LOG_PROBS if _weighs_against_mu(knobs) else "old_log_prob"
     check_shape(mu_name, mu, shape)
+    anchor = mu if knobs.anchor == "rollout" else old_log_prob  # Eq. 12's anchor
     # the Top-K hook's data checks first (they describe the rollout data), then the loss's own
     checks = DeferredChecks()
     if handoff is not None and handoff.checks is not None:
         checks.extend(handoff.checks)
     log_prob, log_m = _sampled_normalisation(handoff, log_prob, mask, knobs, loss_mode, checks)
     _token_checks(checks, mu_name, mu, log_prob.detach(), advantages, mask)
-    if rollout_is_weights is not None and knobs.anchor == "rollout":
+    if anchor is not mu:
+        nonfinite_logprob_flags(checks, "old_log_prob", old_log_prob, mask)
+    if rollout_is_weights is not None and _weighs_against_mu(knobs):
         # First-use twin of the launch rule: Eq. 11 already weights by min(pi/mu, C); verl's pi_old/mu on top of it
         # would count the correction twice.
         raise ValueError(f"{loss_mode} already weights every token by min(pi/mu, C); verl's rollout correction "
@@ -313,7 +325,7 @@ def _policy_loss(
         divergence, push, support_size, topk_valid = _topk_inputs(handoff, knobs, loss_mode, shape)
     else:
         with torch.no_grad():  # binary: support {a_t}, rest = everything else (Eqs. 13/14)
-            divergence = get_divergence(knobs.divergence).fn(log_prob.detach().unsqueeze(-1), mu.unsqueeze(-1))
+            divergence = get_divergence(knobs.divergence).fn(log_prob.detach().unsqueeze(-1), anchor.unsqueeze(-1))
         push, support_size, topk_valid = None, None, None
     return compute_dppo_loss(
         log_prob,
@@ -331,6 +343,7 @@ def _policy_loss(
         describe_token=None if handoff is None else handoff.describe_token,
         checks=checks,
         log_excluded_mass=log_m,
+        anchor_logp=None if anchor is mu else anchor,
     )
 
 

@@ -210,8 +210,9 @@ def test_config_validation():
         DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", num_topk=0)
     with pytest.raises(ValueError, match="delta_high"):
         DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", delta_high=-0.1)
-    with pytest.raises(ValueError, match="anchor=old is not available for dppo_tv_topk"):
-        DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", anchor="old")
+    assert DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", anchor="old").anchor == "old"  # decoupled (issue #21)
+    with pytest.raises(ValueError, match="fused_logprobs=True is not available with anchor=old"):
+        DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", anchor="old", fused_logprobs=True)
     with pytest.raises(ValueError, match="direction=predictive needs a Top-K mode, got dppo_kl_binary"):
         DPPOPolicyLossConfig(loss_mode="dppo_kl_binary", direction="predictive")
     assert DPPOPolicyLossConfig(loss_mode="dppo_kl_topk", direction="predictive").direction == "predictive"

@@ -76,8 +76,9 @@ def test_dppo_config_target_and_bad_knob():
     pl = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor.policy_loss)  # what the worker builds
     assert type(pl).__name__ == "DPPOPolicyLossConfig" and pl.num_topk == 8
     bad = _compose(TOPK, "actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig",
-                   "+actor_rollout_ref.actor.policy_loss.anchor=old", K20)
-    with pytest.raises(ValueError, match="anchor=old is not available for dppo_tv_topk"):
+                   "+actor_rollout_ref.actor.policy_loss.anchor=old", "+actor_rollout_ref.actor.policy_loss.fused_logprobs=True",
+                   K20)
+    with pytest.raises(ValueError, match="fused_logprobs=True is not available with anchor=old"):
         check_actor_config(bad)
 
 
@@ -152,3 +153,44 @@ def test_topk_above_a_local_models_vocabulary_is_refused(tmp_path):
         check_config(_compose(TOPK, K20, f"actor_rollout_ref.model.path={model}"))
     check_config(_compose(TOPK, K20, "actor_rollout_ref.model.path=Qwen/Qwen2.5-0.5B-Instruct"))  # a hub id
     check_config(_compose(BINARY, f"actor_rollout_ref.model.path={model}"))  # binary modes ask for no top-K
+
+
+def test_old_anchored_topk_needs_the_pi_old_pass_and_the_v1_trainer():
+    """Top-K anchor=old reads old_topk_logprobs from verl's pi_old pass (V1 trainer, no bypass); it weighs against mu,
+    so verl's rollout correction on top is refused as for the rollout anchor."""
+    old = ("actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig",
+           "+actor_rollout_ref.actor.policy_loss.anchor=old", K20)
+    assert actor_rule_violations(_compose(TOPK, *old)) == []
+    msgs = actor_rule_violations(_compose(TOPK, *old, "algorithm.rollout_correction.bypass_mode=True"))
+    assert any("bypass_mode=False" in m for m in msgs), msgs
+    msgs = actor_rule_violations(_compose(TOPK, *old, "trainer.use_v1=False"))
+    assert any("trainer.use_v1=True" in m and "old_topk_logprobs" in m for m in msgs), msgs
+    msgs = actor_rule_violations(_compose(TOPK, *old, "algorithm.rollout_correction.rollout_is=token"))
+    assert any("rollout_is=null" in m for m in msgs), msgs
+
+
+def test_old_topk_pass_is_only_the_old_anchored_topk_modes_pi_old_pass():
+    import functools
+
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    from conftest import make_actor_config
+    from dppo_verl.config import DPPOPolicyLossConfig
+    from dppo_verl.integrations.actor.old_topk import wants_old_topk
+    from verl.workers.config import PolicyLossConfig
+
+    def call(pl, **flags):
+        data = TensorDict({}, batch_size=[1])
+        tu.assign_non_tensor(data, **flags)
+        return wants_old_topk(functools.partial(ppo_loss, config=make_actor_config(pl)), data)
+
+    old_topk = DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", anchor="old")
+    assert call(old_topk, compute_loss=False)[0] == "dppo_tv_topk"
+    assert call(old_topk, compute_loss=True) is None  # an evaluation with a loss
+    assert call(old_topk, compute_loss=False, no_lora_adapter=True) is None  # the reference policy (LoRA)
+    assert call(DPPOPolicyLossConfig(loss_mode="dppo_tv_topk"), compute_loss=False) is None  # rollout anchor
+    assert call(DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", anchor="old"), compute_loss=False) is None
+    assert call(PolicyLossConfig(loss_mode="vanilla"), compute_loss=False) is None  # plain verl: untouched
+    assert wants_old_topk(None, TensorDict({}, batch_size=[1])) is None  # a worker without a loss (the ref worker)

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from ..knobs import parse_loss_mode, resolve_knobs
-from ..contract import CALCULATE_LOG_PROBS, LOSS_MODE, POLICY_LOSS, ROLLOUT, ROLLOUT_NUM_TOPK
+from ..contract import CALCULATE_LOG_PROBS, LOSS_MODE, OLD_TOPK_LOGPROBS, POLICY_LOSS, ROLLOUT, ROLLOUT_NUM_TOPK
 from .trainer_rules import trainer_rule_violations
 
 __all__ = ["actor_rule_violations", "check_actor_config", "check_config", "select", "TOPK_STRATEGIES"]
@@ -48,11 +48,19 @@ def select(config: Any, key: str, default=None):
 
 def _anchor_rules(config, mode: str, knobs) -> list[str]:
     problems = []
-    if knobs.anchor == "rollout" and not select(config, CALCULATE_LOG_PROBS, True):
-        problems.append(f"{mode} anchors on the rollout log-probs: set {CALCULATE_LOG_PROBS}=True")
+    against_mu = knobs.anchor == "rollout" or knobs.estimator == "topk"  # losses._weighs_against_mu
+    if against_mu and not select(config, CALCULATE_LOG_PROBS, True):
+        problems.append(f"{mode} weights every token by min(pi/mu, C) against the rollout log-probs (Eq. 11): set "
+                        f"{CALCULATE_LOG_PROBS}=True")
+    if knobs.anchor == "old" and select(config, f"{RC}.bypass_mode"):
+        problems.append(f"{mode} with policy_loss.anchor=old reads verl's recomputed pi_old, which "
+                        f"{RC}.bypass_mode=True skips (old_log_probs := rollout_log_probs): set {RC}.bypass_mode=False")
+    if knobs.anchor == "old" and knobs.estimator == "topk" and select(config, "trainer.use_v1", True) is False:
+        problems.append(f"{mode} with policy_loss.anchor=old needs verl's V1 trainer (trainer.use_v1=True): the legacy "
+                        f"trainer keeps only log-probs and entropy from the pi_old pass, not {OLD_TOPK_LOGPROBS}")
     for key in ("rollout_is", "rollout_rs"):
         value = select(config, f"{RC}.{key}")
-        if value is not None and knobs.anchor == "rollout":
+        if value is not None and against_mu:
             problems.append(
                 f"{mode} already weights every token by min(pi/mu, C) against the rollout (Eq. 11); "
                 f"{RC}.{key}={value} would apply verl's pi_old/mu correction on top of it: set {RC}.{key}=null"

@@ -150,13 +150,14 @@ def pad_model_outputs(pad: ResponsePadding, outputs: dict) -> dict:
     return {k: padded[k] for k in outputs}
 
 
-def packed_support_inputs(data, num_topk: int, checks=None) -> dict[str, torch.Tensor]:
+def packed_support_inputs(data, num_topk: int, checks=None, extra=()) -> dict[str, torch.Tensor]:
     """Scatter the response-only rollout tensors onto packed full-sequence rows ``[N_total, ...]``.
 
     Returns ``topk_ids [N, K]`` int64, ``topk_logp [N, K]`` fp32 (-inf off-response), ``sampled [N]`` int64,
     ``mu [N]`` fp32, ``row_valid [N]`` bool (True on rows that predict a response token with
     ``response_mask`` 1) and ``offsets [B + 1]`` (packed sequence boundaries). With nested inputs (verl's engine
-    path) no device read: the length checks are queued on ``checks``.
+    path) no device read: the length checks are queued on ``checks``. ``extra``: ``(name, batch key, fill)`` triples,
+    more response-only fields scattered the same way (fp32, ``fill`` off-response), e.g. pi_old's for anchor=old.
     """
     missing = [k for k in TOPK_KEYS + (ROLLOUT_LOG_PROBS,) if k not in data.keys()]
     if missing:
@@ -198,6 +199,15 @@ def packed_support_inputs(data, num_topk: int, checks=None) -> dict[str, torch.T
     out["sampled"][rows] = values("responses", "responses").long()
     out["mu"][rows] = values(ROLLOUT_LOG_PROBS, ROLLOUT_LOG_PROBS).float()
     out["row_valid"][rows] = values("response_mask", "response_mask").bool()
+    for name, key, fill in extra:
+        if key not in data.keys():
+            raise ValueError(
+                f"policy_loss.anchor=old: batch key {key!r} is missing; it is written by verl's pi_old pass (V1 trainer "
+                "with algorithm.rollout_correction.bypass_mode=False; for the Top-K modes the dppo_verl actor "
+                "integration adds the top-K ranks to that pass)")
+        v = values(key, key).float()
+        out[name] = torch.full((n,) + tuple(v.shape[1:]), fill, dtype=torch.float32, device=dev)
+        out[name][rows] = v
     out["offsets"] = offsets
     return out
 

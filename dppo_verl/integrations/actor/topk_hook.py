@@ -26,7 +26,10 @@ from typing import Optional
 
 import torch
 
-from ...contract import OUT_DDOT, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_SUPPORT_SIZE, OUT_TOPK_VALID
+from ...contract import (
+    OLD_LOG_PROBS, OLD_TOPK_LOGPROBS, OUT_DDOT, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_OLD_TOPK_PREFIX, OUT_SUPPORT_SIZE,
+    OUT_TOPK_VALID,
+)
 from ...ops.consistency import topk_row_status
 from ...ops.divergence import get_divergence
 from ...ops.predictive import predictive_ddot
@@ -35,21 +38,33 @@ from ...ops.support import build_support
 from ...ops.vocab_parallel import vocab_parallel_stats
 from .layout import flat_fields, layout_like_logits, logit_slabs, megatron_layout_of, packed_support_inputs
 
-__all__ = ["topk_outputs"]
+__all__ = ["topk_outputs", "old_topk_outputs"]
 
 
-def _divergence_outputs(pi_logp, rest_sq, sup, mu, row_valid: torch.Tensor, knobs) -> dict:
+def _divergence_outputs(pi_logp, rest_sq, sup, mu, row_valid: torch.Tensor, knobs, anchor=None) -> dict:
     """log pi at the support ``[s, K + 1]`` (and ``rest_sq [s]``) -> per-row ``dppo_*`` scalars ``[s]`` (0 off-response).
     ``dppo_topk_valid`` is the row's consistency code (:mod:`dppo_verl.ops.consistency`), computed here on the device;
-    the loss reads it with its metrics (one read per micro-batch) and raises there."""
+    the loss reads it with its metrics (one read per micro-batch) and raises there. ``anchor``: the support with
+    pi_old's log-probs in place of mu's (``anchor=old``); the rows are still checked on the rollout's own values."""
     fn = get_divergence(knobs.divergence).fn
     out = {OUT_SUPPORT_SIZE: torch.where(row_valid, sup.size, 0.0),
            OUT_TOPK_VALID: topk_row_status(sup, mu, row_valid)}
+    ref = sup if anchor is None else anchor
     if knobs.direction == "predictive":
-        ddot = predictive_ddot(fn, pi_logp, sup.mu_logp, sup.valid, sup.is_sampled, rest_sq)
+        ddot = predictive_ddot(fn, pi_logp, ref.mu_logp, ref.valid, ref.is_sampled, rest_sq)
         out[OUT_DDOT] = torch.where(row_valid, ddot, 0.0)
-    out[OUT_DIVERGENCE] = torch.where(row_valid, fn(pi_logp, sup.mu_logp, sup.valid), 0.0)
+    out[OUT_DIVERGENCE] = torch.where(row_valid, fn(pi_logp, ref.mu_logp, ref.valid), 0.0)
     return out
+
+
+def _old_anchor(sup, part: dict):
+    """``anchor=old``: the rollout's support ``[s, K + 1]`` with log pi_old at its slots (the pi_old pass's
+    ``old_topk_logprobs`` at the top-K ranks, verl's ``old_log_probs`` at the appended sampled token), -inf where the
+    slot is invalid (missing rank, duplicate, a_t already in the top-K)."""
+    if "anchor_topk" not in part:
+        return None
+    logp = torch.cat([part["anchor_topk"], part["anchor_sampled"].unsqueeze(-1)], dim=-1)
+    return sup._replace(mu_logp=logp.masked_fill(~sup.valid, float("-inf")))
 
 
 def _row_outputs(logits: torch.Tensor, sup, part: dict, row_valid: torch.Tensor, knobs, tp_group, checks,
@@ -59,13 +74,14 @@ def _row_outputs(logits: torch.Tensor, sup, part: dict, row_valid: torch.Tensor,
     # Q_R = sum_{j not in S} pi_j^2 (predictive) rides in the vocab-parallel SUM (one more float per row).
     st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid if predictive else None,
                               checks=checks)
+    anchor = _old_anchor(sup, part)
     if sampled_ids is None:
-        return _divergence_outputs(st.logp, st.rest_sq, sup, part["mu"], row_valid, knobs)
+        return _divergence_outputs(st.logp, st.rest_sq, sup, part["mu"], row_valid, knobs, anchor)
     # pi over the ids the rollout samples from (ops.sampled_vocab): log m = lse_E - lse, on the narrow E columns
     ex = excluded_stats(logits, part["sampled"], sampled_ids, tp_group=tp_group, squares=predictive)
     logp, rest_sq = renormalize_support(st.logp, ex.lse - st.lse, st.rest_sq,
                                         None if ex.lse_sq is None else ex.lse_sq - 2.0 * st.lse)
-    out = _divergence_outputs(logp, rest_sq, sup, part["mu"], row_valid, knobs)
+    out = _divergence_outputs(logp, rest_sq, sup, part["mu"], row_valid, knobs, anchor)
     out[OUT_EXCLUDED] = ex.log_ratio
     return out
 
@@ -117,19 +133,8 @@ def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, da
     own = checks is None
     checks = DeferredChecks() if own else checks
     with torch.no_grad():
-        packed = packed_support_inputs(data, knobs.num_topk, checks)
-        offsets = packed.pop("offsets")
-        packed["row_valid"] = packed["row_valid"].to(torch.uint8)  # padding helpers pad with 0; bool cannot be padded
-        megatron = None if data_format is None else megatron_layout_of(data)
-        laid = {k: layout_like_logits(v, offsets, data_format, megatron) for k, v in packed.items()}
-        lead = tuple(student_logits.shape[:-1])
-        for k, v in laid.items():
-            if tuple(v.shape[: len(lead)]) != lead:
-                raise ValueError(
-                    f"Top-K rows do not line up with the logits: {k} laid out as {list(v.shape)}, logits "
-                    f"{list(student_logits.shape)} (data_format={data_format}, layout {megatron}): verl laid out this "
-                    "micro-batch in a way the hook does not reproduce; please report it with the verl version"
-                )
+        extra = _OLD_ANCHOR_FIELDS if knobs.anchor == "old" else ()
+        laid = _laid_inputs(student_logits, data, knobs, checks, data_format, extra)
         tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
         vocab = student_logits.shape[-1] * tp
         if getattr(knobs, "fused_logprobs", False):
@@ -139,6 +144,49 @@ def topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, da
     if own:
         checks.run()
     return out
+
+
+# anchor=old: (packed name, batch key, fill off-response) scattered beside the rollout's top-K
+_OLD_ANCHOR_FIELDS = (("anchor_topk", OLD_TOPK_LOGPROBS, float("-inf")), ("anchor_sampled", OLD_LOG_PROBS, 0.0))
+
+
+def _laid_inputs(student_logits: torch.Tensor, data, knobs, checks, data_format, extra=()) -> dict:
+    """The batch's response-only rollout tensors (and ``extra`` fields) laid out like the logits' rows ``[b, s, ...]``."""
+    packed = packed_support_inputs(data, knobs.num_topk, checks, extra=extra)
+    offsets = packed.pop("offsets")
+    packed["row_valid"] = packed["row_valid"].to(torch.uint8)  # padding helpers pad with 0; bool cannot be padded
+    megatron = None if data_format is None else megatron_layout_of(data)
+    laid = {k: layout_like_logits(v, offsets, data_format, megatron) for k, v in packed.items()}
+    lead = tuple(student_logits.shape[:-1])
+    for k, v in laid.items():
+        if tuple(v.shape[: len(lead)]) != lead:
+            raise ValueError(
+                f"Top-K rows do not line up with the logits: {k} laid out as {list(v.shape)}, logits "
+                f"{list(student_logits.shape)} (data_format={data_format}, layout {megatron}): verl laid out this "
+                "micro-batch in a way the hook does not reproduce; please report it with the verl version"
+            )
+    return laid
+
+
+def old_topk_outputs(student_logits: torch.Tensor, data, knobs, *, tp_group=None, data_format=None) -> dict:
+    """verl's pi_old pass (:mod:`.old_topk`): log pi_old at the rollout's K top-K ids, one output per rank
+    (``dppo_old_topk_<k>``, each with the logits' leading shape ``[b, s]``; -inf at a missing rank, 0 off-response).
+    The full-vocabulary normalisation of the trainer, as pi in the update pass under ``anchor=old``."""
+    from ...ops.checks import DeferredChecks
+
+    checks = DeferredChecks()
+    with torch.no_grad():
+        laid = _laid_inputs(student_logits, data, knobs, checks, data_format)
+        lead = tuple(student_logits.shape[:-1])
+        rows = []
+        for logits, part in logit_slabs(student_logits, laid):
+            real = torch.isfinite(part["topk_logp"]) & part["row_valid"].bool().unsqueeze(-1)  # [r, K]
+            ids = torch.where(real, part["topk_ids"], 0)
+            st = vocab_parallel_stats(logits, ids, tp_group=tp_group, checks=checks)
+            rows.append(torch.where(real, st.logp, float("-inf")))
+        logp = torch.cat(rows).view(lead + (knobs.num_topk,))
+    checks.run()  # the pass's one device read: the batch's shapes and ids
+    return {f"{OUT_OLD_TOPK_PREFIX}{k}": logp[..., k] for k in range(knobs.num_topk)}
 
 
 def _all_rows(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: int, checks, sampled_ids) -> dict:
