@@ -62,6 +62,7 @@ def _samples(model_dir):
                  advantages=torch.full((r,), 1.0 if i % 2 else -0.5))
         support = [top_ids[j].tolist() + [int(s["responses"][j])] for j in range(r)]
         s["ref_lp"] = full.gather(-1, s["responses"][:, None])[:, 0]
+        s["ref_old_topk"] = full.gather(-1, top_ids.long())  # pi_old = this model, full head (Top-K anchor=old)
         s["ref_lp_sampled_ids"] = pi.gather(-1, s["responses"][:, None])[:, 0]
         s["ref_excluded_mass"] = ref.excluded_mass(rows, allowed)
         s["ref_binary_tv"] = (pi.gather(-1, s["responses"][:, None])[:, 0].exp() - lq.gather(-1, s["responses"][:, None])[:, 0].exp()).abs()
@@ -128,6 +129,13 @@ def _worker(rank, world, model_dir, samples, out_dir):
                 out = wk.update_actor(batch(samples, **train_flags(n)))
             res[mode] = dict(seen=list(seen), metrics=None if out is None else tu.get(out, "metrics"),
                              syncs=dict(syncs.where))
+        # issue #21: the pi_old pass of Top-K anchor=old evaluates pi_old at the rollout's top-K ids (vocab-parallel)
+        wk = build_worker(model_dir, tp=tp, loss_mode="dppo_tv_topk", n=n,
+                          extra=[f"+actor_rollout_ref.actor.policy_loss.num_topk={K}",
+                                 "+actor_rollout_ref.actor.policy_loss.anchor=old"])
+        out = wk.compute_log_prob(batch(samples, **infer_flags(n)))
+        if out is not None:
+            res["old_topk"] = [t.clone() for t in out["old_topk_logprobs"].unbind()]
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -205,3 +213,17 @@ def test_topk_divergence_per_token_through_the_engine(tp2, model_and_samples, mo
         if metrics is not None:
             assert min(metrics["actor/dppo/support_size"]) > (1 if mode.endswith("_topk") else 0), metrics
             assert min(metrics["actor/dppo/excluded_mass_mean"]) > 1e-3, metrics
+
+
+@pytest.mark.timeout(900)
+def test_old_topk_pass_through_the_engine_at_tp2(tp2, model_and_samples):
+    """verl's pi_old pass (``compute_log_prob``, ``compute_loss=False``) of a Top-K ``anchor=old`` mode at TP = 2 returns
+    ``old_topk_logprobs`` ``[B, R, K]``: log pi_old at the rollout's top-K ids, the fp64 full-head log-softmax."""
+    _, samples = model_and_samples
+    reported = [r["old_topk"] for r in tp2 if "old_topk" in r]
+    assert reported, "no TP rank returned old_topk_logprobs"
+    for old_topk in reported:
+        for got, s in zip(old_topk, samples):
+            m = s["response_mask"].bool()
+            assert got.shape == s["ref_old_topk"].shape
+            torch.testing.assert_close(got[m].double(), s["ref_old_topk"][m], rtol=0, atol=LP_ATOL)
