@@ -36,6 +36,8 @@ class HandOff:
     topk_valid: Optional[torch.Tensor] = None  # [B, T] dppo_topk_valid (Top-K row status codes, ops.consistency)
     # [B, T] dppo_excluded_log_ratio: log(mass on ids the rollout never samples / pi(a_t)) (ops.sampled_vocab)
     excluded_log_ratio: Optional[torch.Tensor] = None
+    # [B, T] dppo_start_divergence: D_t from the anchor at the step's start (verl's pi_old pass; None when skipped)
+    start_divergence: Optional[torch.Tensor] = None
     # (b, t) -> the token's rollout data in words, for error messages (reads the micro-batch; error path only)
     describe_token: Optional[Callable[[int, int], str]] = None
     # the Top-K hook's queued data checks (rollout data, ids, finite logits), read with the loss's metrics

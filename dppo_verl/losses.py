@@ -99,6 +99,8 @@ def _metrics(t: dict[str, torch.Tensor], mask: torch.Tensor, cap: float,
         "ppo_kl": t["mu"] - t["log_prob"],
         "excluded_mass_mean": torch.exp(log_m) if log_m is not None else torch.zeros_like(t["mu"]),
     }
+    if t.get("start_outside") is not None:  # of the masked tokens, those already outside delta at the step's start
+        means["masked_at_start_frac"] = (t["start_outside"], mask & dropped)
     if t.get("push") is not None:  # direction=predictive: where its direction disagrees with Eq. 12's pi - mu
         means["direction_flip_frac"] = torch.sign(t["push"].float()) != torch.sign(t["log_ratio"])
     m = dict(zip(means, _masked_means(means, mask)))
@@ -156,13 +158,15 @@ def compute_dppo_loss(
     checks: Optional[DeferredChecks] = None,
     log_excluded_mass: Optional[torch.Tensor] = None,
     anchor_logp: Optional[torch.Tensor] = None,
+    start_divergence: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss (module docstring) and metrics from per-token tensors ``[B, T]`` (``divergence`` already computed).
     ``topk_valid``: the Top-K hook's row status codes (``dppo_topk_valid``); any invalid response token raises,
     named through ``describe_token(b, t)`` when given. ``checks``: data checks to read with the metrics (one read).
     ``log_excluded_mass``: ``log m_t``, the trainer's mass on ids the rollout never samples (``log_prob`` already
     normalised without them); None when there are none. ``anchor_logp``: Eq. 12's anchor at a_t when it is not mu
-    (``anchor=old``: pi_old, the decoupled trust region; Eq. 11's weight stays min(pi / mu, C))."""
+    (``anchor=old``: pi_old, the decoupled trust region; Eq. 11's weight stays min(pi / mu, C)). ``start_divergence``:
+    each token's D_t from the anchor at the step's start (verl's pi_old pass), for ``masked_at_start_frac``."""
     from verl.trainer.ppo.core_algos import agg_loss
 
     mask = response_mask.bool()
@@ -189,6 +193,8 @@ def compute_dppo_loss(
     parts = dict(keep=shaped.keep, weight=weight, divergence=divergence, log_prob=lp, mu=mu, log_ratio=log_ratio,
                  advantages=advantages, seq_keep=seq_keep, push=push, topk_valid=topk_valid,
                  describe_token=describe_token, log_excluded_mass=log_excluded_mass,
+                 start_outside=None if start_divergence is None else (
+                     start_divergence.float() > torch.where(advantages > 0, knobs.delta_high, knobs.delta_low)),
                  support_size=torch.ones_like(mu) if support_size is None else support_size)
     return pg_loss, _metrics(parts, mask, knobs.truncation_cap, checks)
 
@@ -344,6 +350,7 @@ def _policy_loss(
         checks=checks,
         log_excluded_mass=log_m,
         anchor_logp=None if anchor is mu else anchor,
+        start_divergence=None if handoff is None else handoff.start_divergence,
     )
 
 

@@ -49,7 +49,7 @@ def _apply_integrations() -> None:
     from .integrations.actor.engine_flag import apply_train_batch_topk_flag
     from .integrations.actor.fused_logprob import apply_fused_logprob_handoff
     from .integrations.actor.loss_wrapper import apply_ppo_loss_wrapper
-    from .integrations.actor.old_topk import apply_old_topk_pass
+    from .integrations.actor.old_topk import apply_old_pass_outputs
     from .integrations.driver.experimental_trainers import apply_experimental_trainer_rules
     from .integrations.driver.ray_runtime_env import apply_driver_validation
     from .integrations.platform.cpu_megatron import apply_cpu_megatron
@@ -63,7 +63,7 @@ def _apply_integrations() -> None:
 
     apply_ppo_loss_wrapper()
     apply_train_batch_topk_flag()
-    apply_old_topk_pass()  # inert unless a Top-K mode has policy_loss.anchor=old
+    apply_old_pass_outputs()  # verl's pi_old pass, DPPO modes only: old_topk_logprobs, dppo_start_divergence
     apply_engine_context()  # labels and the Megatron row layout, for the Top-K hook
     apply_fused_logprob_handoff()  # inert unless policy_loss.fused_logprobs=True
     apply_agent_loop_output_patch()

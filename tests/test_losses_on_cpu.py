@@ -286,3 +286,35 @@ def test_token_validation_is_one_device_read(monkeypatch):
         _get("dppo_tv_binary")(mu.float(), logp64.float(), adv.float(), mask, "token-mean", cfg)
     monkeypatch.undo()
     assert calls == ["tolist"], calls
+
+
+def test_masked_at_start_frac_counts_masked_tokens_already_outside_at_the_start():
+    """Of the tokens Eq. 12 masks, the share whose divergence from the anchor already exceeded their side's delta at the
+    step's start (verl's pi_old pass), against a plain Python count."""
+    torch.manual_seed(3)
+    pl = DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", delta_low=0.05, delta_high=0.1)
+    cfg = make_actor_config(pl)
+    cfg.global_batch_info.update(dp_size=1, batch_num_tokens=B * T, global_batch_size=B)
+    for _ in range(3):
+        logp = torch.log(torch.rand(B, T) * 0.9 + 0.05)
+        mu = torch.log(torch.rand(B, T) * 0.9 + 0.05)
+        adv = torch.randn(B, T)
+        mask = torch.rand(B, T) > 0.2
+        start = torch.rand(B, T) * 0.2
+        with handoff_scope(HandOff(rollout_log_probs=mu, start_divergence=start)):
+            _, m = _get("dppo_tv_binary")(torch.zeros(B, T), logp, adv, mask.long(), "token-mean", cfg)
+        masked = outside = 0
+        for b in range(B):
+            for t in range(T):
+                p, q, a = math.exp(logp[b, t]), math.exp(mu[b, t]), float(adv[b, t])
+                if not mask[b, t]:
+                    continue
+                d = abs(p - q)
+                if (a > 0 and p > q and d > 0.1) or (a < 0 and p < q and d > 0.05):
+                    masked += 1
+                    outside += float(start[b, t]) > (0.1 if a > 0 else 0.05)
+        assert masked > 0
+        assert m["actor/dppo/masked_at_start_frac"] == pytest.approx(outside / masked, rel=1e-6)
+    with handoff_scope(HandOff(rollout_log_probs=mu)):  # verl's pi_old pass skipped (bypass): not logged
+        _, m = _get("dppo_tv_binary")(torch.zeros(B, T), logp, adv, mask.long(), "token-mean", cfg)
+    assert "actor/dppo/masked_at_start_frac" not in m

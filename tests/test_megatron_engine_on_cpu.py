@@ -136,6 +136,11 @@ def _worker(rank, world, model_dir, samples, out_dir):
         out = wk.compute_log_prob(batch(samples, **infer_flags(n)))
         if out is not None:
             res["old_topk"] = [t.clone() for t in out["old_topk_logprobs"].unbind()]
+        for mode in ("dppo_tv_topk", "dppo_tv_binary"):  # rollout anchor: each token's divergence at the step's start
+            wk = build_worker(model_dir, tp=tp, loss_mode=mode, n=n, extra=[f"+actor_rollout_ref.actor.policy_loss.num_topk={K}"])
+            out = wk.compute_log_prob(batch(samples, **infer_flags(n)))
+            if out is not None:
+                res[f"start_{mode}"] = [t.clone() for t in out["dppo_start_divergence"].unbind()]
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -227,3 +232,17 @@ def test_old_topk_pass_through_the_engine_at_tp2(tp2, model_and_samples):
             m = s["response_mask"].bool()
             assert got.shape == s["ref_old_topk"].shape
             torch.testing.assert_close(got[m].double(), s["ref_old_topk"][m], rtol=0, atol=LP_ATOL)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode,key", [("dppo_tv_topk", "ref_tv"), ("dppo_tv_binary", "ref_binary_tv")])
+def test_start_divergence_from_the_pi_old_pass_at_tp2(tp2, model_and_samples, mode, key):
+    """A rollout-anchored mode's pi_old pass returns each token's divergence at the step's start (pi_old = these
+    weights): the fp64 reference over the samplable ids, for masked_at_start_frac (issue #21)."""
+    _, samples = model_and_samples
+    reported = [r[f"start_{mode}"] for r in tp2 if f"start_{mode}" in r]
+    assert reported, "no TP rank returned dppo_start_divergence"
+    for start in reported:
+        for got, s in zip(start, samples):
+            m = s["response_mask"].bool()
+            torch.testing.assert_close(got[m].double(), s[key][m], rtol=0, atol=DIV_ATOL)

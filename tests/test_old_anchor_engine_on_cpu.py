@@ -21,6 +21,33 @@ def _fields(samples, keys):
     return fields
 
 
+def _make_worker(model_dir, n, mode, anchor):
+    from fsdp_step import actor_worker
+
+    return actor_worker([
+        f"actor_rollout_ref.model.path={model_dir}", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={n}", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        f"actor_rollout_ref.actor.policy_loss.loss_mode={mode}",
+        "actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig",
+        f"+actor_rollout_ref.actor.policy_loss.num_topk={K}", f"+actor_rollout_ref.actor.policy_loss.anchor={anchor}",
+        "actor_rollout_ref.actor.use_torch_compile=False", "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
+        "actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
+    ])
+
+
+def _old_pass(worker, samples, keys):
+    """verl's pi_old pass, called as the V1 trainer calls it."""
+    from verl.utils import tensordict_utils as tu
+
+    td = tu.get_tensordict(tensor_dict=_fields(samples, keys), non_tensor_dict=dict(
+        calculate_entropy=True, compute_loss=False, temperature=1.0))
+    out = worker.compute_log_prob(td)
+    assert "log_probs" in out.keys() and not any(k.startswith("dppo_old_topk_") for k in out.keys())
+    return out
+
+
 def _worker(rank, port, model_dir, samples, results):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -28,27 +55,23 @@ def _worker(rank, port, model_dir, samples, results):
     from verl.utils import tensordict_utils as tu
 
     import dppo_verl.losses as losses
-    from fsdp_step import actor_worker
 
     n = len(samples)
-    worker = actor_worker([
-        f"actor_rollout_ref.model.path={model_dir}", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-        "actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={n}", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-        "actor_rollout_ref.actor.policy_loss.loss_mode=dppo_tv_topk",
-        "actor_rollout_ref.actor.policy_loss._target_=dppo_verl.config.DPPOPolicyLossConfig",
-        f"+actor_rollout_ref.actor.policy_loss.num_topk={K}", "+actor_rollout_ref.actor.policy_loss.anchor=old",
-        "actor_rollout_ref.actor.use_torch_compile=False", "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
-        "actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
-    ])
-    keys = [k for k in samples[0] if k not in REFERENCE_KEYS + ("old_topk_truth", "pi_old", "old_sampled")]
-    # 1. verl's pi_old pass, called as the V1 trainer calls it
-    td = tu.get_tensordict(tensor_dict=_fields(samples, keys), non_tensor_dict=dict(
-        calculate_entropy=True, compute_loss=False, temperature=1.0))
-    out = worker.compute_log_prob(td)
+    keys = [k for k in samples[0] if k not in REFERENCE_KEYS + ("old_topk_truth", "pi_old", "old_sampled", "truth_old")]
+    # 0. rollout-anchored modes: each token's divergence at the step's start (pi_old = these weights, so the update
+    # hook's own fp64 truth), for masked_at_start_frac
+    for mode, truth in (("dppo_tv_topk", "truth"), ("dppo_tv_binary", "truth_binary")):
+        out = _old_pass(_make_worker(model_dir, n, mode, "rollout"), samples, keys)
+        assert "old_topk_logprobs" not in out.keys()
+        for b, s in enumerate(samples):
+            m = s["response_mask"].bool()
+            torch.testing.assert_close(out["dppo_start_divergence"][b][m].double(), s[truth][m], rtol=0, atol=ATOL)
+            results.append((mode, int(m.sum())))
+    # 1. Top-K anchor=old: pi_old at the rollout's top-K ids
+    worker = _make_worker(model_dir, n, "dppo_tv_topk", "old")
+    out = _old_pass(worker, samples, keys)
     got = out["old_topk_logprobs"]
-    assert got.is_nested and "log_probs" in out.keys() and not any(k.startswith("dppo_old_topk_") for k in out.keys())
+    assert got.is_nested and not out["dppo_start_divergence"].values().any()  # pi_old is the anchor: 0 at the start
     for b, s in enumerate(samples):
         m = s["response_mask"].bool()
         torch.testing.assert_close(got[b][m].double(), s["old_topk_truth"][m], rtol=0, atol=ATOL)
@@ -65,10 +88,12 @@ def _worker(rank, port, model_dir, samples, results):
     for s in samples:
         s["old_topk_logprobs"], s["old_log_probs"] = s["pi_old"], s["old_sampled"]
     fields = _fields(samples, keys + ["old_topk_logprobs"])
+    fields["dppo_start_divergence"] = out["dppo_start_divergence"]
     extra = dict(calculate_entropy=False, distillation_use_topk=False, distillation_only=False, global_batch_size=n,
                  mini_batch_size=n, epochs=1, seed=42, dataloader_kwargs={"shuffle": False}, temperature=1.0)
-    worker.update_actor(tu.get_tensordict(tensor_dict=fields, non_tensor_dict=extra))
+    metrics = tu.get(worker.update_actor(tu.get_tensordict(tensor_dict=fields, non_tensor_dict=extra)), "metrics")
     assert seen, "the DPPO loss never ran"
+    assert set(metrics["actor/dppo/masked_at_start_frac"]) == {0.0}, metrics  # anchor=old: none outside at the start
     for div, mu, anchor in seen:
         for row in range(div.shape[0]):
             s = next(s for s in samples if torch.equal(mu[row, : len(s["responses"])], s["rollout_log_probs"]))
@@ -103,3 +128,4 @@ def test_old_anchored_topk_through_verls_pi_old_pass_and_update(tmp_path):
     tokens = sum(int(s["response_mask"].sum()) for s in samples)
     assert sum(n for kind, n in results if kind == "pass") == tokens
     assert sum(n for kind, n in results if kind == "update") == tokens
+    assert sum(n for kind, n in results if kind == "dppo_tv_topk") == sum(n for kind, n in results if kind == "dppo_tv_binary") == tokens

@@ -20,8 +20,9 @@ def _old_pass(data, truth, old_logits, mode):
     """The pi_old pass's hook on pi_old's logits, then the worker's regrouping into ``old_topk_logprobs``."""
     from tensordict import TensorDict
 
-    from dppo_verl.integrations.actor.old_topk import _response_field
+    from dppo_verl.integrations.actor.old_topk import _add_fields
     from dppo_verl.integrations.actor.topk_hook import old_topk_outputs
+    from dppo_verl.knobs import parse_loss_mode
 
     knobs = resolve_knobs(mode, DPPOPolicyLossConfig(loss_mode=mode, num_topk=K, anchor="old"))
     out = old_topk_outputs(old_logits.float().unsqueeze(0), data, knobs)
@@ -30,7 +31,10 @@ def _old_pass(data, truth, old_logits, mode):
     # the engine returns each output nested over the full sequences, like log_probs
     as_engine = {key: nested(list(v[0].split(seqs))) for key, v in out.items()}
     td = TensorDict(as_engine, batch_size=[len(seqs)])
-    return _response_field(td, data, K)  # nested [B, R_b, K]
+    _add_fields(td, data, parse_loss_mode(mode), knobs)
+    assert sorted(td.keys()) == ["dppo_start_divergence", "old_topk_logprobs"]  # the K ranks regrouped into one
+    assert not td["dppo_start_divergence"].values().any()  # anchor=old: nothing is outside at the step's start
+    return td["old_topk_logprobs"]  # nested [B, R_b, K]
 
 
 @pytest.mark.parametrize("name", ["tv", "kl"])

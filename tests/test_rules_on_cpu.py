@@ -169,7 +169,7 @@ def test_old_anchored_topk_needs_the_pi_old_pass_and_the_v1_trainer():
     assert any("rollout_is=null" in m for m in msgs), msgs
 
 
-def test_old_topk_pass_is_only_the_old_anchored_topk_modes_pi_old_pass():
+def test_pi_old_pass_outputs_are_only_a_dppo_modes_pi_old_pass():
     import functools
 
     from tensordict import TensorDict
@@ -178,19 +178,18 @@ def test_old_topk_pass_is_only_the_old_anchored_topk_modes_pi_old_pass():
 
     from conftest import make_actor_config
     from dppo_verl.config import DPPOPolicyLossConfig
-    from dppo_verl.integrations.actor.old_topk import wants_old_topk
+    from dppo_verl.integrations.actor.old_topk import old_pass_of
     from verl.workers.config import PolicyLossConfig
 
     def call(pl, **flags):
         data = TensorDict({}, batch_size=[1])
         tu.assign_non_tensor(data, **flags)
-        return wants_old_topk(functools.partial(ppo_loss, config=make_actor_config(pl)), data)
+        return old_pass_of(functools.partial(ppo_loss, config=make_actor_config(pl)), data)
 
     old_topk = DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", anchor="old")
     assert call(old_topk, compute_loss=False)[0] == "dppo_tv_topk"
     assert call(old_topk, compute_loss=True) is None  # an evaluation with a loss
     assert call(old_topk, compute_loss=False, no_lora_adapter=True) is None  # the reference policy (LoRA)
-    assert call(DPPOPolicyLossConfig(loss_mode="dppo_tv_topk"), compute_loss=False) is None  # rollout anchor
-    assert call(DPPOPolicyLossConfig(loss_mode="dppo_tv_binary", anchor="old"), compute_loss=False) is None
+    assert call(DPPOPolicyLossConfig(loss_mode="dppo_kl_binary"), compute_loss=False)[0] == "dppo_kl_binary"
     assert call(PolicyLossConfig(loss_mode="vanilla"), compute_loss=False) is None  # plain verl: untouched
-    assert wants_old_topk(None, TensorDict({}, batch_size=[1])) is None  # a worker without a loss (the ref worker)
+    assert old_pass_of(None, TensorDict({}, batch_size=[1])) is None  # a worker without a loss (the ref worker)

@@ -24,7 +24,8 @@ import torch
 
 from ...knobs import parse_loss_mode, resolve_knobs
 from ...contract import (
-    OUT_DDOT, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_SUPPORT_SIZE, OUT_TOPK_VALID, ROLLOUT_LOG_PROBS, TOPK_KEYS,
+    OUT_DDOT, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_SUPPORT_SIZE, OUT_TOPK_VALID, ROLLOUT_LOG_PROBS, START_DIVERGENCE,
+    TOPK_KEYS,
 )
 from ...handoff import HandOff, defer_hook_checks, handoff_scope, take_hook_checks
 from ...ops.checks import DeferredChecks
@@ -67,6 +68,7 @@ def _handoff_from(model_output, data) -> HandOff:
     checks = take_hook_checks() or DeferredChecks()  # the hook's (Top-K), then the hand-off's own
     pad = response_padding(data)  # one index for every field below
     handoff = HandOff(rollout_log_probs=_padded_field(data, ROLLOUT_LOG_PROBS, checks, pad),
+                      start_divergence=_padded_field(data, START_DIVERGENCE, checks, pad),
                       describe_token=functools.partial(_describe_token, data), checks=checks)
     ours = {key: model_output[key] for key in _MODEL_OUTPUT_TO_FIELD if model_output is not None and key in model_output}
     for key, value in pad_model_outputs(pad, ours).items():

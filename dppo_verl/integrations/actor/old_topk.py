@@ -1,15 +1,22 @@
-"""Actor side, verl surface ``verl.workers.engine_workers.TrainingWorker.infer_batch``: verl's pi_old pass also
-evaluates pi_old at the rollout's top-K ids, for the Top-K modes with ``policy_loss.anchor=old``.
+"""Actor side, verl surface ``verl.workers.engine_workers.TrainingWorker.infer_batch``: what a DPPO mode needs from
+verl's pi_old pass, added to that pass's outputs.
 
-verl 0.9.1's V1 trainer recomputes pi_old with ``compute_log_prob`` (``infer_batch`` with ``compute_loss=False``,
-so no loss function and no logits hook). For an old-anchored Top-K mode this wrapper, on that call only:
+verl 0.9.1's V1 trainer recomputes pi_old with ``compute_log_prob`` (``infer_batch`` with ``compute_loss=False``:
+no loss function, no logits hook) unless ``algorithm.rollout_correction.bypass_mode=True`` skips it. On that call
+only, for a DPPO mode, this wrapper adds two response-only fields, which verl's TransferQueue stores with the pass's
+other outputs and ships to ``update_actor`` with every other field of the batch:
 
-- raises verl's logits-hook flag and hands the engine a processor-only function for the pass (the engine then
-  calls it with the logits: :func:`~.topk_hook.old_topk_outputs`, the vocab-parallel op at the K ids, FSDP and
-  Megatron alike; called as a loss, it returns 0 and no metrics, as verl's forward-only pass expects);
-- turns the K per-row outputs (verl's engines accept 1-D outputs per row only) into one response-only field
-  ``old_topk_logprobs`` ``[B, R_b, K]`` (nested, like ``rollout_topk_logprobs``), which verl's TransferQueue
-  stores with the pass's other outputs and ships to ``update_actor`` with every other field of the batch.
+- ``old_topk_logprobs`` ``[B, R_b, K]`` (Top-K modes, ``anchor=old``): log pi_old at the rollout's top-K ids, the
+  anchor of the decoupled trust region. The engine is handed a processor-only function for the pass (verl's
+  logits-hook flag raised); it evaluates the vocab-parallel op at the K ids (:func:`~.topk_hook.old_topk_outputs`,
+  FSDP and Megatron alike) and returns one output per rank (verl's engines accept 1-D per-row outputs only), which
+  are regrouped here. Called as a loss, the function returns 0 and no metrics, as verl's forward-only pass expects.
+- ``dppo_start_divergence`` ``[B, R_b]`` (every DPPO mode): each token's divergence from the mode's anchor at the
+  step's start, for ``actor/dppo/masked_at_start_frac``. ``anchor=old``: 0 (pi_old is the anchor). Rollout anchor,
+  Top-K: the update hook's own divergence evaluated on pi_old's logits (same support, same normalisation over the
+  samplable ids). Rollout anchor, binary: the binary divergence between verl's ``log_probs`` of this pass and mu,
+  renormalised over the samplable ids like the update (the excluded-mass hook runs in the pass when rows are
+  masked, :mod:`dppo_verl.ops.sampled_vocab`).
 
 Not the reference pass (its worker has no DPPO loss; with LoRA, ``no_lora_adapter`` marks it), not the update.
 """
@@ -20,92 +27,136 @@ import functools
 
 import torch
 
-from ...contract import OLD_TOPK_LOGPROBS, OUT_OLD_TOPK_PREFIX
+from ...contract import (
+    OLD_TOPK_LOGPROBS, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_OLD_TOPK_PREFIX, ROLLOUT_LOG_PROBS, START_DIVERGENCE,
+)
+from ...ops.sampled_vocab import log_kept_mass
 from ...knobs import parse_loss_mode, resolve_knobs
 from ..patching import patch_on_import, raise_if_drifted
 
-__all__ = ["apply_old_topk_pass", "PATCH", "wants_old_topk"]
+__all__ = ["apply_old_pass_outputs", "PATCH", "old_pass_of"]
 
-PATCH = "actor.old_topk_pass"
+PATCH = "actor.old_pass_outputs"
 MODULE = "verl.workers.engine_workers"
 SIGNATURE = "self, data"
 
 
-def wants_old_topk(loss_function, data) -> "tuple[str, object] | None":
-    """``(loss mode, knobs)`` when this ``infer_batch`` call is an old-anchored Top-K mode's pi_old pass, else None."""
+def old_pass_of(loss_function, data) -> "tuple[str, object, object] | None":
+    """``(loss mode, parsed mode, knobs)`` when this ``infer_batch`` call is a DPPO mode's pi_old pass, else None."""
     from verl.utils import tensordict_utils as tu
 
     from .engine_flag import loss_mode_of
 
     mode = loss_mode_of(loss_function)
     parsed = parse_loss_mode(mode)
-    if parsed is None or not parsed.is_topk:
+    if parsed is None:
         return None
     if tu.get_non_tensor_data(data=data, key="compute_loss", default=True):
         return None  # an evaluation that computes the loss: not verl's pi_old pass
     if tu.get_non_tensor_data(data=data, key="no_lora_adapter", default=False):
         return None  # the reference policy through the actor (LoRA): not pi_old
-    knobs = resolve_knobs(mode, loss_function.keywords["config"].policy_loss)
-    return (mode, knobs) if knobs.anchor == "old" else None
+    return mode, parsed, resolve_knobs(mode, loss_function.keywords["config"].policy_loss)
 
 
-def _processor(model_output=None, data=None, dp_group=None, student_logits=None, data_format=None, *, knobs):
-    """The pass's logits processor; as a loss (verl calls it once the outputs are made) it contributes nothing."""
-    if student_logits is not None:
-        from .loss_wrapper import _megatron_tp_group
-        from .topk_hook import old_topk_outputs
+def _processor(model_output=None, data=None, dp_group=None, student_logits=None, data_format=None, *, knobs, topk):
+    """The pass's logits processor; as a loss (verl calls it once the outputs are made) it adds nothing."""
+    if student_logits is None:
+        return torch.zeros(()), {}
+    from .loss_wrapper import _megatron_tp_group
+    from .sampled_ids import current_sampled_ids, excluded_outputs
+    from .topk_hook import old_topk_outputs, topk_outputs
 
-        tp_group = None if data_format is None else _megatron_tp_group()
+    tp_group = None if data_format is None else _megatron_tp_group()
+    if not topk:  # binary, rollout anchor, masked head rows: pi_old's mass on them
+        return excluded_outputs(student_logits, current_sampled_ids(), tp_group=tp_group)
+    if knobs.anchor == "old":
         return old_topk_outputs(student_logits, data, knobs, tp_group=tp_group, data_format=data_format)
-    return torch.zeros(()), {}
+    out = topk_outputs(student_logits, data, knobs, tp_group=tp_group, data_format=data_format,
+                       sampled_ids=current_sampled_ids())
+    return {OUT_DIVERGENCE: out[OUT_DIVERGENCE]}
 
 
-def _response_field(out, data, k: int) -> torch.Tensor:
-    """The K per-row outputs (nested over the full sequences ``[B, S_b]``) -> nested ``[B, R_b, K]`` response-only."""
-    from .layout import jagged_parts, response_padding
+def _response_values(x, pad) -> torch.Tensor:
+    """A per-row output nested over the full sequences ``[B, S_b, ...]`` -> its response rows ``[R, ...]``."""
+    from .layout import jagged_parts
 
-    pad = response_padding(data)
-    ranks = []
-    for j in range(k):
-        x = out.pop(f"{OUT_OLD_TOPK_PREFIX}{j}")
-        parts = jagged_parts(x)
-        ranks.append(x if parts is None else parts[0])
-    full = torch.stack(ranks, -1)  # [N, K]
-    values = full[pad.full_rows.to(full.device)]  # [R, K], response rows in sample order
+    parts = jagged_parts(x)
+    full = x if parts is None else parts[0]
+    return full[pad.full_rows.to(full.device)]
+
+
+def _nested_responses(values: torch.Tensor, pad) -> torch.Tensor:
     offsets = torch.zeros(len(pad.r_lens) + 1, dtype=torch.long, device=values.device)
     offsets[1:] = pad.r_lens.to(values.device).cumsum(0)
     return torch.nested.nested_tensor_from_jagged(values.float(), offsets)
 
 
+def _add_fields(out, data, parsed, knobs) -> None:
+    """The pass's outputs -> ``old_topk_logprobs`` / ``dppo_start_divergence`` (module docstring), response-only."""
+    from ...ops.divergence import get_divergence
+    from .layout import response_padding, response_values
+
+    pad = response_padding(data)
+    if knobs.anchor == "old":
+        if parsed.is_topk:
+            ranks = [_response_values(out.pop(f"{OUT_OLD_TOPK_PREFIX}{k}"), pad) for k in range(knobs.num_topk)]
+            out[OLD_TOPK_LOGPROBS] = _nested_responses(torch.stack(ranks, -1), pad)  # [R, K]
+        start = torch.zeros(int(pad.full_rows.numel()), device=pad.full_rows.device)
+    elif parsed.is_topk:
+        start = _response_values(out.pop(OUT_DIVERGENCE), pad)
+    elif ROLLOUT_LOG_PROBS in data.keys():
+        old = _response_values(out["log_probs"], pad).float()  # [R] verl's log pi_old(a_t), full head
+        if OUT_EXCLUDED in out.keys():  # over the samplable ids, like mu: log pi_A = log pi - log(1 - m)
+            log_m = _response_values(out.pop(OUT_EXCLUDED), pad).float() + old
+            old = old - log_kept_mass(log_m)
+        mu = response_values(ROLLOUT_LOG_PROBS, data[ROLLOUT_LOG_PROBS], pad.r_lens).float().to(old.device)
+        start = get_divergence(knobs.divergence).fn(old.unsqueeze(-1), mu.unsqueeze(-1))
+    else:
+        return  # no mu in the batch: the update refuses the mode with its own message
+    out[START_DIVERGENCE] = _nested_responses(start, pad)
+
+
 def _wrap_infer_batch(orig):
     @functools.wraps(orig)
     def infer_batch(self, data):
-        wanted = wants_old_topk(getattr(self, "loss_fn", None), data)
-        if wanted is None:
+        found = old_pass_of(getattr(self, "loss_fn", None), data)
+        if found is None:
             return orig(self, data)
-        mode, knobs = wanted
-        from verl.utils import tensordict_utils as tu
+        mode, parsed, knobs = found
+        from .engine_flag import _sampled_ids
 
-        from .engine_flag import _refuse_engine_modes
-
-        raise_if_drifted(("dppo", "topk"), mode)
-        _refuse_engine_modes(self.engine, data, mode, True, "pi_old at the rollout's top-K ids")
-        tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=False, compute_loss=True)
-        saved = self.loss_fn
-        self.loss_fn = functools.partial(_processor, knobs=knobs)
-        try:
+        if parsed.is_topk or (knobs.anchor == "rollout" and _sampled_ids(self.engine, knobs) is not None):
+            out = _with_processor(orig, self, data, mode, knobs, parsed.is_topk)
+        else:
             out = orig(self, data)
-        finally:
-            self.loss_fn = saved
-            tu.assign_non_tensor(data, distillation_use_topk=False, compute_loss=False)
         if out is not None:  # the ranks holding outputs (verl: is_mp_src_rank_with_outputs)
-            out[OLD_TOPK_LOGPROBS] = _response_field(out, data, knobs.num_topk)
+            _add_fields(out, data, parsed, knobs)
         return out
 
     return infer_batch
 
 
-def apply_old_topk_pass() -> None:
+def _with_processor(orig, worker, data, mode: str, knobs, topk: bool):
+    """Run verl's pass with the logits hook raised and :func:`_processor` as its only function."""
+    from verl.utils import tensordict_utils as tu
+
+    from .engine_flag import _refuse_engine_modes, _sampled_ids
+    from .sampled_ids import sampled_ids_scope
+
+    raise_if_drifted(("dppo", "topk"), mode)
+    _refuse_engine_modes(worker.engine, data, mode, topk, "pi_old's divergence at the step's start")
+    tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=False, compute_loss=True)
+    saved = worker.loss_fn
+    worker.loss_fn = functools.partial(_processor, knobs=knobs, topk=topk)
+    try:
+        with sampled_ids_scope(_sampled_ids(worker.engine, knobs)):
+            return orig(worker, data)
+    finally:
+        worker.loss_fn = saved
+        tu.assign_non_tensor(data, distillation_use_topk=False, compute_loss=False)
+
+
+def apply_old_pass_outputs() -> None:
     """Wrap ``TrainingWorker.infer_batch`` when ``verl.workers.engine_workers`` is first imported."""
     patch_on_import(MODULE, "TrainingWorker.infer_batch", _wrap_infer_batch, name=PATCH, signature=SIGNATURE,
-                    needed_by="topk")
+                    needed_by="dppo")
