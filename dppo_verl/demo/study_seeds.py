@@ -1,0 +1,80 @@
+"""``make study SEEDS="0 1 2"``: one study per seed (:func:`dppo_verl.demo.study.run_study`), summarised per arm as
+the mean and the spread (min-max) across seeds, and drawn as one figure: reward and masked/clipped fraction per
+step, a line for the mean over seeds (trailing ``smooth``-step mean) and a band for the min-max over seeds."""
+
+from __future__ import annotations
+
+import os
+
+from . import report
+
+__all__ = ["seed_summary", "plot_seeds", "spread"]
+
+_NUMBERS = ("reward_first5", "reward_last5", "probs_diff_mean", "masked_or_clipped_frac_mean", "masked_at_start_frac_mean")
+
+
+def spread(values: list) -> dict:
+    """``{"mean", "min", "max", "n"}`` of the non-None ``values`` (None fields when there are none)."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return {"mean": None, "min": None, "max": None, "n": 0}
+    return {"mean": round(sum(v) / len(v), 4), "min": round(min(v), 4), "max": round(max(v), 4), "n": len(v)}
+
+
+def seed_summary(per_seed: dict, *, noise: float, steps: int, wall_s: float) -> dict:
+    """``per_seed``: seed -> :func:`run_study` summary. Per arm: every number of :func:`study.summarize` as a spread
+    over the seeds, plus each seed's value."""
+    seeds = sorted(per_seed)
+    arms = list(per_seed[seeds[0]]["arms"])
+    out = {"noise": noise, "steps": steps, "seeds": seeds, "wall_s": wall_s, "arms": {},
+           "title": (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {steps} steps, "
+                     + ("natural bf16 gap" if noise == 0 else f"natural gap + rollout weight noise sigma={noise:g}")
+                     + ": mean over seeds (line), min-max (band)")}
+    for arm in arms:
+        runs = [per_seed[s]["arms"][arm] for s in seeds]
+        entry = {"label": runs[0]["label"], "wall_s": round(sum(r["wall_s"] for r in runs), 1)}
+        for key in _NUMBERS:
+            entry[key] = spread([r.get(key) for r in runs])
+            entry[key]["per_seed"] = [r.get(key) for r in runs]
+        out["arms"][arm] = entry
+    return out
+
+
+def _per_step(path: str, keys: tuple) -> dict:
+    found = report._series(report.read_records(path), keys)
+    return {} if found is None else dict(zip(found[1], found[2]))
+
+
+def plot_seeds(per_seed: dict, out_png: str, *, title: str, smooth: int = 5) -> str:
+    """Reward and masked/clipped fraction per step: mean over seeds (smoothed) and the min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted(per_seed)
+    arms = list(per_seed[seeds[0]]["arms"])
+    panels = (("reward (mean sequence score)", (report.REWARD,), 1.0),
+              ("masked (DPPO) or clipped (PPO) tokens (%)", (report.MASKED, report.CLIPFRAC), 100.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, 4.5))
+    for ax, (name, keys, scale) in zip(axes, panels):
+        for i, arm in enumerate(arms):
+            series = [_per_step(per_seed[s]["arms"][arm]["metrics"], keys) for s in seeds]
+            steps = sorted(set.intersection(*(set(x) for x in series))) if all(series) else []
+            if not steps:
+                continue
+            smoothed = [report.rolling_mean([x[t] * scale for t in steps], smooth) for x in series]
+            mean = [sum(col) / len(col) for col in zip(*smoothed)]
+            ax.fill_between(steps, [min(col) for col in zip(*smoothed)], [max(col) for col in zip(*smoothed)],
+                            color=f"C{i}", alpha=0.15)
+            ax.plot(steps, mean, color=f"C{i}", label=per_seed[seeds[0]]["arms"][arm]["label"])
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_png), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
