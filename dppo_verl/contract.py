@@ -19,10 +19,10 @@ ROLLOUT_TOPK_LOGPROBS = "rollout_topk_logprobs"  # [B, T, K] fp32, -inf where a 
 TOPK_KEYS = (ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS)
 OLD_LOG_PROBS = "old_log_probs"  # [B, T] fp32 log pi_old(a_t), verl's recomputation (its own key)
 # [B, T, K] fp32 log pi_old at the rollout's top-K ids, -inf where the rollout's rank is missing: written by verl's
-# pi_old pass for the Top-K modes (integrations.actor.old_topk), read by anchor=old and masked_at_start_frac
+# pi_old pass for the Top-K modes (integrations.actor.old_pass), read by anchor=old and masked_at_start_frac
 OLD_TOPK_LOGPROBS = "old_topk_logprobs"
 # [B, T] fp32 each response token's divergence from the mode's anchor at the step's start (pi_old), written by verl's
-# pi_old pass (integrations.actor.old_topk); the loss's actor/dppo/masked_at_start_frac reads it
+# pi_old pass (integrations.actor.old_pass); the loss's actor/dppo/masked_at_start_frac reads it
 START_DIVERGENCE = "dppo_start_divergence"
 OUT_OLD_TOPK_PREFIX = "dppo_old_topk_"  # + k: [N] one rank of it per engine output (verl's outputs are 1-D per row)
 # extra_fields only (popped before the batch): the tool agent's rows cover this many assistant turns

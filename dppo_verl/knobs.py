@@ -45,7 +45,7 @@ class DPPOKnobFields:
             ``+actor_rollout_ref.rollout.custom.dppo_num_topk``).
         anchor: ``rollout`` (mu, the paper's choice) or ``old`` (decoupled: Eq. 12's trust region around verl's
             recomputed pi_old, over the same support, while Eq. 11's weight stays min(pi / mu, C); needs verl's
-            pi_old pass, which the Top-K modes extend with ``old_topk_logprobs``, :mod:`.integrations.actor.old_topk`).
+            pi_old pass, which the Top-K modes extend with ``old_topk_logprobs``, :mod:`.integrations.actor.old_pass`).
         direction: ``sampled`` (Eq. 12's test on pi_t - mu_t) or ``predictive`` (Top-K only: the sign of the rate
             D_dot_t at which the update changes the Top-K divergence, :mod:`dppo_verl.ops.predictive`).
         delta_seq: TRM sequence veto: drop a whole response when ``seq_agg_t D_t > delta_seq``; null = off.

@@ -49,7 +49,7 @@ def _apply_integrations() -> None:
     from .integrations.actor.engine_flag import apply_train_batch_topk_flag
     from .integrations.actor.fused_logprob import apply_fused_logprob_handoff
     from .integrations.actor.loss_wrapper import apply_ppo_loss_wrapper
-    from .integrations.actor.old_topk import apply_old_pass_outputs
+    from .integrations.actor.old_pass import apply_old_pass_outputs
     from .integrations.driver.experimental_trainers import apply_experimental_trainer_rules
     from .integrations.driver.ray_runtime_env import apply_driver_validation
     from .integrations.platform.cpu_megatron import apply_cpu_megatron

@@ -20,7 +20,7 @@ def _old_pass(data, truth, old_logits, mode):
     """The pi_old pass's hook on pi_old's logits, then the worker's regrouping into ``old_topk_logprobs``."""
     from tensordict import TensorDict
 
-    from dppo_verl.integrations.actor.old_topk import _add_fields
+    from dppo_verl.integrations.actor.old_pass import _add_fields
     from dppo_verl.integrations.actor.topk_hook import old_topk_outputs
     from dppo_verl.knobs import parse_loss_mode
 

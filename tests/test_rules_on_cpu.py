@@ -178,7 +178,7 @@ def test_pi_old_pass_outputs_are_only_a_dppo_modes_pi_old_pass():
 
     from conftest import make_actor_config
     from dppo_verl.config import DPPOPolicyLossConfig
-    from dppo_verl.integrations.actor.old_topk import old_pass_of
+    from dppo_verl.integrations.actor.old_pass import old_pass_of
     from verl.workers.config import PolicyLossConfig
 
     def call(pl, **flags):
