@@ -55,7 +55,7 @@ V_FULL, V_SMALL = 151936, 512
 # pure overhead is resolved on shared cores (3 rounds there swung binary/vanilla between 0.95 and 1.47).
 PRESETS = {
     "full": dict(samples=12, prompt=16, response=240, micro=3, reps=5, reps_small=31, vocabs=(V_FULL, V_SMALL)),
-    "quick": dict(samples=4, prompt=16, response=128, micro=2, reps=3, reps_small=21, vocabs=(V_FULL, V_SMALL)),
+    "quick": dict(samples=4, prompt=16, response=128, micro=2, reps=5, reps_small=21, vocabs=(V_FULL, V_SMALL)),
     "smoke": dict(samples=2, prompt=4, response=8, micro=1, reps=1, reps_small=1, vocabs=(2048, 256)),
 }
 # Head rows the tokenizer does not cover (never sampled by verl's vLLM server: ops.sampled_vocab): Qwen2.5/Qwen3 pad
