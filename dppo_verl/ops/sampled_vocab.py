@@ -28,6 +28,7 @@ Shapes: ``N`` rows, ``V_local`` this rank's vocabulary shard (rank r holds globa
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -68,8 +69,15 @@ def _local_columns(v_local: int, lo: int, ids: SampledIds, device) -> tuple[slic
     """This shard's excluded columns: a slice for the tail ``[limit, V)`` and local indices of the banned ids."""
     limit = lo + v_local if ids.limit is None else ids.limit
     tail = slice(min(max(limit - lo, 0), v_local), v_local)
-    banned = sorted({b - lo for b in ids.banned if lo <= b < lo + v_local and b < limit})
-    return tail, (torch.tensor(banned, dtype=torch.long, device=device) if banned else None)
+    banned = tuple(sorted({b - lo for b in ids.banned if lo <= b < lo + v_local and b < limit}))
+    return tail, (_banned_index(banned, str(device)) if banned else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _banned_index(banned: tuple, device: str) -> torch.Tensor:
+    """The banned ids' local column indices on ``device``, made once per (ids, shard, device): a host-to-device copy
+    per micro-batch otherwise (vision models ban a few placeholder ids)."""
+    return torch.tensor(banned, dtype=torch.long, device=device)
 
 
 def _local_lse(logits: torch.Tensor, tail: slice, banned: Optional[torch.Tensor], scale: float) -> torch.Tensor:
