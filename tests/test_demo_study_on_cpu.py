@@ -183,3 +183,9 @@ def test_run_seeds_draws_mean_and_spread(tmp_path, monkeypatch, capsys):
     assert summary["seeds"] == [0, 2] and "dppo_topk_old" in capsys.readouterr().out
     _, loss, extra = study.arm_settings("dppo_topk_old")
     assert loss == "dppo_tv_topk" and "actor.policy_loss.anchor=old" in extra
+    # seeds run apart (their own one-seed studies) combine into the same summary
+    again = study.combine([str(tmp_path / "study-noise0.2-s6-seed0"), str(tmp_path / "study-noise0.2-s6-seed2")],
+                          runs_dir=str(tmp_path / "combined"))
+    assert again["arms"]["dppo_topk_old"]["reward_last5"] == summary["arms"]["dppo_topk_old"]["reward_last5"]
+    with pytest.raises(ValueError, match="one study per seed"):
+        study.combine([str(tmp_path / "study-noise0.2-s6-seed0")] * 2)

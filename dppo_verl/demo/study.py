@@ -39,8 +39,8 @@ import time
 from . import report
 from .run import ROOT, run_demo
 
-__all__ = ["ARMS", "DEFAULT_ARMS", "arm_settings", "run_study", "run_seeds", "summarize", "plot_study", "replot",
-           "main"]
+__all__ = ["ARMS", "DEFAULT_ARMS", "arm_settings", "run_study", "run_seeds", "combine", "summarize", "plot_study",
+           "replot", "main"]
 
 ARMS = {  # name -> (legend label, loss, extra overrides)
     "pg_is": ("PG + IS, no trust region", "dppo_tv_binary",
@@ -159,16 +159,39 @@ def run_seeds(arms: list[str], seeds: list[int], *, steps: int, noise: float, ru
               **study_kwargs) -> dict:
     """:func:`run_study` once per seed, then each arm's mean and spread (min-max) across the seeds: numbers in
     ``summary.json`` and reward / masked fraction per step in ``study_seeds.png``."""
-    from .study_seeds import seed_summary, plot_seeds
-
     t0 = time.time()
     per_seed = {}
     for i, seed in enumerate(seeds):
         print(f"[study] seed {seed} ({i + 1}/{len(seeds)}); {time.time() - t0:.0f} s elapsed", flush=True)
         per_seed[seed] = run_study(arms, steps=steps, noise=noise, seed=seed, runs_dir=runs_dir, **study_kwargs)
-    tag = f"study-noise{noise:g}-s{steps}-seeds{'_'.join(str(x) for x in seeds)}"
+    return _report_seeds(per_seed, runs_dir, wall_s=round(time.time() - t0, 1))
+
+
+def combine(study_dirs: list[str], runs_dir: str = "runs") -> dict:
+    """The seed summary and figure of finished one-seed studies (their ``summary.json``), e.g. seeds run apart."""
+    per_seed = {}
+    for d in study_dirs:
+        with open(os.path.join(d, "summary.json")) as f:
+            s = json.load(f)
+        for arm in s["arms"].values():  # the metrics next to the summary (the study may have moved)
+            arm["metrics"] = os.path.join(d, os.path.basename(os.path.dirname(arm["metrics"])), "metrics.jsonl")
+        per_seed[s["seed"]] = s
+    steps = {s["steps"] for s in per_seed.values()}
+    noise = {s["noise"] for s in per_seed.values()}
+    if len(steps) != 1 or len(noise) != 1 or len(per_seed) != len(study_dirs):
+        raise ValueError(f"combine wants one study per seed at the same steps and noise: seeds {sorted(per_seed)}, "
+                         f"steps {sorted(steps)}, noise {sorted(noise)}")
+    return _report_seeds(per_seed, runs_dir, wall_s=round(sum(s["wall_s"] for s in per_seed.values()), 1))
+
+
+def _report_seeds(per_seed: dict, runs_dir: str, *, wall_s: float) -> dict:
+    from .study_seeds import seed_summary, plot_seeds
+
+    first = per_seed[min(per_seed)]
+    noise, steps = first["noise"], first["steps"]
+    tag = f"study-noise{noise:g}-s{steps}-seeds{'_'.join(str(x) for x in sorted(per_seed))}"
     out_dir = os.path.join(ROOT, runs_dir, tag) if not os.path.isabs(runs_dir) else os.path.join(runs_dir, tag)
-    summary = seed_summary(per_seed, noise=noise, steps=steps, wall_s=round(time.time() - t0, 1))
+    summary = seed_summary(per_seed, noise=noise, steps=steps, wall_s=wall_s)
     summary["plot"] = plot_seeds(per_seed, os.path.join(out_dir, "study_seeds.png"), title=summary["title"])
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -190,6 +213,7 @@ def main(argv=None) -> None:
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--timeout", type=float, default=900, help="hard limit per arm, seconds")
     ap.add_argument("--replot", metavar="DIR", help="only redraw DIR/study.png from a finished study")
+    ap.add_argument("--combine", nargs="+", metavar="DIR", help="only the seed summary of finished one-seed studies")
     ap.add_argument("--trainer", default="sync", choices=["sync", "colocate_async"],
                     help="colocate_async: every arm trains on stale rollouts (verl's V1 asynchronous trainer)")
     ap.add_argument("--warmup-batches", type=int, default=None,
@@ -197,6 +221,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.replot:
         print(replot(a.replot))
+        return
+    if a.combine:
+        print(combine(a.combine, runs_dir=a.runs_dir)["plot"])
         return
     if a.noise < 0:
         ap.error("--noise must be >= 0")
