@@ -89,6 +89,13 @@ DPPOKnobs = dataclasses.make_dataclass(
 )
 
 
+def weighs_against_mu(knobs: "DPPOKnobs") -> bool:
+    """Eq. 11's weight is min(pi / mu, C) for the rollout anchor and for Top-K ``anchor=old`` (decoupled: only Eq. 12's
+    trust region moves to pi_old); binary ``anchor=old`` weighs against pi_old too (verl's own dppo_tv / dppo_kl).
+    Where it weighs against mu, pi is normalised over the ids the rollout samples from (:mod:`.ops.sampled_vocab`)."""
+    return knobs.anchor == "rollout" or knobs.estimator == "topk"
+
+
 class LossMode(NamedTuple):
     shape: str  # "dppo" | "drpo" | "cppo" | any registered loss shape
     divergence: str  # "tv" | "kl" | any registered divergence

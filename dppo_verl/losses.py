@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from .knobs import DPPOKnobs, resolve_knobs
+from .knobs import DPPOKnobs, resolve_knobs, weighs_against_mu
 from .contract import (
     CALCULATE_LOG_PROBS, EXTERNAL_LIB, METRIC_PREFIX, OUT_DDOT, OUT_DIVERGENCE, OUT_EXCLUDED, OUT_TOPK_VALID,
     PLUGIN_MODULE, ROLLOUT_LOG_PROBS, ROLLOUT_NUM_TOPK, SAMPLED_IDS_KNOB, TOPK_KEYS,
@@ -199,15 +199,9 @@ def compute_dppo_loss(
     return pg_loss, _metrics(parts, mask, knobs.truncation_cap, checks)
 
 
-def _weighs_against_mu(knobs: DPPOKnobs) -> bool:
-    """Eq. 11's weight is min(pi / mu, C) for the rollout anchor and for Top-K ``anchor=old`` (decoupled: only Eq. 12's
-    trust region moves to pi_old); binary ``anchor=old`` weighs against pi_old too (verl's own dppo_tv / dppo_kl)."""
-    return knobs.anchor == "rollout" or knobs.estimator == "topk"
-
-
 def _mu_from(handoff: Optional[HandOff], old_log_prob, knobs: DPPOKnobs, mode: str) -> torch.Tensor:
-    """The denominator of Eq. 11's weight (:func:`_weighs_against_mu`)."""
-    if not _weighs_against_mu(knobs):
+    """The denominator of Eq. 11's weight (:func:`~.knobs.weighs_against_mu`)."""
+    if not weighs_against_mu(knobs):
         return old_log_prob
     if handoff is None or handoff.rollout_log_probs is None:
         raise ValueError(
@@ -247,11 +241,11 @@ def _sampled_normalisation(handoff: Optional[HandOff], log_prob: torch.Tensor, m
                            mode: str, checks: DeferredChecks):
     """``log pi_A(a_t) = log pi(a_t) - log(1 - m_t)`` over the ids the rollout samples from, like mu
     (:mod:`dppo_verl.ops.sampled_vocab`); the correction is a constant for autograd. Returns ``(log_prob, log m)``,
-    ``log m`` None when nothing is excluded (or anchor=old: pi and pi_old share the trainer's normalisation)."""
+    ``log m`` None when nothing is excluded (or binary anchor=old: pi and pi_old share the trainer's normalisation)."""
     from .integrations.actor.sampled_ids import current_sampled_ids
 
     g = None if handoff is None else handoff.excluded_log_ratio
-    if knobs.anchor != "rollout":
+    if not weighs_against_mu(knobs):
         return log_prob, None
     if g is None:
         if current_sampled_ids() is not None:
@@ -311,18 +305,21 @@ def _policy_loss(
     mask = response_mask.bool()
     handoff = current_handoff()
     mu = _mu_from(handoff, old_log_prob, knobs, loss_mode)
-    mu_name = ROLLOUT_LOG_PROBS if _weighs_against_mu(knobs) else "old_log_prob"
+    mu_name = ROLLOUT_LOG_PROBS if weighs_against_mu(knobs) else "old_log_prob"
     check_shape(mu_name, mu, shape)
-    anchor = mu if knobs.anchor == "rollout" else old_log_prob  # Eq. 12's anchor
+    anchor = mu if knobs.anchor == "rollout" else old_log_prob  # Eq. 12's anchor (pi_old: the trainer's own normalisation)
     # the Top-K hook's data checks first (they describe the rollout data), then the loss's own
     checks = DeferredChecks()
     if handoff is not None and handoff.checks is not None:
         checks.extend(handoff.checks)
-    log_prob, log_m = _sampled_normalisation(handoff, log_prob, mask, knobs, loss_mode, checks)
+    corrected, log_m = _sampled_normalisation(handoff, log_prob, mask, knobs, loss_mode, checks)
+    if anchor is not mu:  # shifted like pi: Eq. 12's direction test stays pi - pi_old under one normalisation
+        anchor = anchor + (corrected - log_prob).detach()
+    log_prob = corrected
     _token_checks(checks, mu_name, mu, log_prob.detach(), advantages, mask)
     if anchor is not mu:
         nonfinite_logprob_flags(checks, "old_log_prob", old_log_prob, mask)
-    if rollout_is_weights is not None and _weighs_against_mu(knobs):
+    if rollout_is_weights is not None and weighs_against_mu(knobs):
         # First-use twin of the launch rule: Eq. 11 already weights by min(pi/mu, C); verl's pi_old/mu on top of it
         # would count the correction twice.
         raise ValueError(f"{loss_mode} already weights every token by min(pi/mu, C); verl's rollout correction "

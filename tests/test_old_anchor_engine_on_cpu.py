@@ -57,7 +57,8 @@ def _worker(rank, port, model_dir, samples, results):
     import dppo_verl.losses as losses
 
     n = len(samples)
-    keys = [k for k in samples[0] if k not in REFERENCE_KEYS + ("old_topk_truth", "pi_old", "old_sampled", "truth_old")]
+    keys = [k for k in samples[0] if k not in REFERENCE_KEYS + ("old_topk_truth", "pi_old", "old_sampled", "truth_old",
+                                                                "full_lp")]
     # 0. rollout-anchored modes: each token's divergence at the step's start (pi_old = these weights, so the update
     # hook's own fp64 truth), for masked_at_start_frac
     for mode, truth in (("dppo_tv_topk", "truth"), ("dppo_tv_binary", "truth_binary")):
@@ -81,7 +82,8 @@ def _worker(rank, port, model_dir, samples, results):
     real = losses.compute_dppo_loss
 
     def recording(log_prob, mu_logp, advantages, response_mask, divergence, knobs, **kw):
-        seen.append((divergence.detach().clone(), mu_logp.detach().clone(), kw["anchor_logp"].clone()))
+        seen.append((divergence.detach().clone(), mu_logp.detach().clone(), kw["anchor_logp"].clone(),
+                     log_prob.detach().clone(), kw["log_excluded_mass"]))
         return real(log_prob, mu_logp, advantages, response_mask, divergence, knobs, **kw)
 
     losses.compute_dppo_loss = recording
@@ -94,12 +96,17 @@ def _worker(rank, port, model_dir, samples, results):
     metrics = tu.get(worker.update_actor(tu.get_tensordict(tensor_dict=fields, non_tensor_dict=extra)), "metrics")
     assert seen, "the DPPO loss never ran"
     assert set(metrics["actor/dppo/masked_at_start_frac"]) == {0.0}, metrics  # anchor=old: none outside at the start
-    for div, mu, anchor in seen:
+    for div, mu, anchor, lp, log_m in seen:
+        assert log_m is not None  # the tiny model's head is padded: Eq. 11's pi / mu is over the samplable ids
         for row in range(div.shape[0]):
             s = next(s for s in samples if torch.equal(mu[row, : len(s["responses"])], s["rollout_log_probs"]))
             r, m = len(s["responses"]), s["response_mask"].bool()
             torch.testing.assert_close(div[row, :r][m].double(), s["truth_old"][m], rtol=0, atol=ATOL)
-            torch.testing.assert_close(anchor[row, :r], s["old_sampled"])  # Eq. 12's anchor: pi_old, not mu
+            # Eq. 11 weighs pi over the samplable ids against mu; Eq. 12's direction is pi - pi_old, one normalisation
+            torch.testing.assert_close(lp[row, :r][m].double(), s["pi_logp"][m], rtol=0, atol=ATOL)
+            torch.testing.assert_close((lp - anchor)[row, :r][m].double(), (s["full_lp"] - s["old_sampled"].double())[m],
+                                       rtol=0, atol=ATOL)
+            torch.testing.assert_close(log_m[row, :r][m].exp().double(), s["excluded_mass"][m], rtol=0, atol=ATOL)
             results.append(("update", int(m.sum())))
 
 
@@ -115,6 +122,7 @@ def test_old_anchored_topk_through_verls_pi_old_pass_and_update(tmp_path):
         lp = ref.full_logprobs(rows)  # [r, V] fp64: the trainer's normalisation (pi against pi_old: one head)
         ids = s["rollout_topk_ids"].long()
         s["old_topk_truth"] = lp.gather(-1, ids)
+        s["full_lp"] = lp.gather(-1, s["responses"][:, None])[:, 0]
         lp_old = ref.full_logprobs(rows + 0.5 * torch.randn(rows.shape, generator=g, dtype=torch.float64))
         s["pi_old"] = lp_old.gather(-1, ids).float()
         s["old_sampled"] = lp_old.gather(-1, s["responses"][:, None])[:, 0].float()

@@ -90,10 +90,10 @@ def test_old_anchor_without_the_old_pass_names_the_key():
 
 def test_old_anchored_topk_weighs_against_mu_binary_against_pi_old():
     """Eq. 11's weight: Top-K anchor=old keeps min(pi/mu, C) (decoupled); binary anchor=old is verl's own dppo_tv."""
-    from dppo_verl.losses import _weighs_against_mu
+    from dppo_verl.knobs import weighs_against_mu
 
     for mode, want in (("dppo_tv_topk", True), ("dppo_tv_binary", False)):
         knobs = resolve_knobs(mode, DPPOPolicyLossConfig(loss_mode=mode, anchor="old"))
-        assert _weighs_against_mu(knobs) is want
+        assert weighs_against_mu(knobs) is want
         knobs = resolve_knobs(mode, DPPOPolicyLossConfig(loss_mode=mode))
-        assert _weighs_against_mu(knobs)
+        assert weighs_against_mu(knobs)

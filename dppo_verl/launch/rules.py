@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..knobs import parse_loss_mode, resolve_knobs
+from ..knobs import parse_loss_mode, resolve_knobs, weighs_against_mu
 from ..contract import CALCULATE_LOG_PROBS, LOSS_MODE, OLD_TOPK_LOGPROBS, POLICY_LOSS, ROLLOUT, ROLLOUT_NUM_TOPK
 from .trainer_rules import trainer_rule_violations
 
@@ -48,7 +48,7 @@ def select(config: Any, key: str, default=None):
 
 def _anchor_rules(config, mode: str, knobs) -> list[str]:
     problems = []
-    against_mu = knobs.anchor == "rollout" or knobs.estimator == "topk"  # losses._weighs_against_mu
+    against_mu = weighs_against_mu(knobs)
     if against_mu and not select(config, CALCULATE_LOG_PROBS, True):
         problems.append(f"{mode} weights every token by min(pi/mu, C) against the rollout log-probs (Eq. 11): set "
                         f"{CALCULATE_LOG_PROBS}=True")

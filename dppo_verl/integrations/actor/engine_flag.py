@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from ...knobs import parse_loss_mode, resolve_knobs
+from ...knobs import parse_loss_mode, resolve_knobs, weighs_against_mu
 from ...contract import ROLLOUT_NUM_TOPK, SAMPLED_IDS_KNOB, TOPK_KEYS
 from ..patching import patch_on_import, raise_if_drifted
 
@@ -51,9 +51,9 @@ def _refuse_engine_modes(engine, data, mode: str, needs_topk: bool, why: str) ->
 
 
 def _sampled_ids(engine, knobs):
-    """The ids the rollout samples from when they are not the whole head (mu-anchored modes), else None."""
-    if knobs.anchor != "rollout":
-        return None  # pi against pi_old: one normalisation already
+    """The ids the rollout samples from when they are not the whole head and the loss weighs against mu, else None."""
+    if not weighs_against_mu(knobs):
+        return None  # binary anchor=old: pi against pi_old only, one normalisation already
     from .sampled_ids import sampled_ids_of
 
     ids = sampled_ids_of(getattr(engine, "model_config", None), knobs.sampled_ids)

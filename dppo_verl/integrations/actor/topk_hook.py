@@ -77,10 +77,13 @@ def _row_outputs(logits: torch.Tensor, sup, part: dict, row_valid: torch.Tensor,
     anchor = _old_anchor(sup, part)
     if sampled_ids is None:
         return _divergence_outputs(st.logp, st.rest_sq, sup, part["mu"], row_valid, knobs, anchor)
-    # pi over the ids the rollout samples from (ops.sampled_vocab): log m = lse_E - lse, on the narrow E columns
-    ex = excluded_stats(logits, part["sampled"], sampled_ids, tp_group=tp_group, squares=predictive)
-    logp, rest_sq = renormalize_support(st.logp, ex.lse - st.lse, st.rest_sq,
-                                        None if ex.lse_sq is None else ex.lse_sq - 2.0 * st.lse)
+    # pi over the ids the rollout samples from (ops.sampled_vocab): log m = lse_E - lse, on the narrow E columns. The
+    # old anchor (pi_old from verl's pass, full head) keeps the trainer's normalisation: only Eq. 11's weight takes m.
+    ex = excluded_stats(logits, part["sampled"], sampled_ids, tp_group=tp_group, squares=predictive and anchor is None)
+    logp, rest_sq = st.logp, st.rest_sq
+    if anchor is None:
+        logp, rest_sq = renormalize_support(st.logp, ex.lse - st.lse, st.rest_sq,
+                                            None if ex.lse_sq is None else ex.lse_sq - 2.0 * st.lse)
     out = _divergence_outputs(logp, rest_sq, sup, part["mu"], row_valid, knobs, anchor)
     out[OUT_EXCLUDED] = ex.log_ratio
     return out
