@@ -180,6 +180,7 @@ def test_run_seeds_draws_mean_and_spread(tmp_path, monkeypatch, capsys):
     assert r["per_seed"] == [pytest.approx(0.4), pytest.approx(0.42)]
     assert (r["mean"], r["min"], r["max"], r["n"]) == (pytest.approx(0.41), pytest.approx(0.4), pytest.approx(0.42), 2)
     assert saved["arms"]["dppo_topk"]["masked_at_start_frac_mean"]["mean"] == 0.5
+    assert saved["arms"]["dppo_topk"]["reward_gain"]["per_seed"] == [pytest.approx(0.1), pytest.approx(0.1)]  # 0.4 - 0.3
     assert summary["seeds"] == [0, 2] and "dppo_topk_old" in capsys.readouterr().out
     _, loss, extra = study.arm_settings("dppo_topk_old")
     assert loss == "dppo_tv_topk" and "actor.policy_loss.anchor=old" in extra

@@ -1,6 +1,7 @@
 """``make study SEEDS="0 1 2"``: one study per seed (:func:`dppo_verl.demo.study.run_study`), summarised per arm as
-the mean and the spread (min-max) across seeds, and drawn as one figure: reward and masked/clipped fraction per
-step, a line for the mean over seeds (trailing ``smooth``-step mean) and a band for the min-max over seeds."""
+the mean and the spread (min-max) across seeds, and drawn as one figure: reward (relative to each run's first 5
+steps: every seed has its own data and warm start) and masked/clipped fraction per step, a line for the mean over
+seeds (trailing ``smooth``-step mean) and a band for the min-max over seeds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from . import report
 
 __all__ = ["seed_summary", "plot_seeds", "spread"]
 
-_NUMBERS = ("reward_first5", "reward_last5", "probs_diff_mean", "masked_or_clipped_frac_mean", "masked_at_start_frac_mean")
+_NUMBERS = ("reward_first5", "reward_last5", "reward_gain", "probs_diff_mean", "masked_or_clipped_frac_mean",
+            "masked_at_start_frac_mean")
 
 
 def spread(values: list) -> dict:
@@ -31,7 +33,10 @@ def seed_summary(per_seed: dict, *, noise: float, steps: int, wall_s: float) -> 
                      + ("natural bf16 gap" if noise == 0 else f"natural gap + rollout weight noise sigma={noise:g}")
                      + ": mean over seeds (line), min-max (band)")}
     for arm in arms:
-        runs = [per_seed[s]["arms"][arm] for s in seeds]
+        runs = [dict(per_seed[s]["arms"][arm]) for s in seeds]
+        for r in runs:  # each seed has its own data and warm start: compare arms by what each run gained
+            first, last = r.get("reward_first5"), r.get("reward_last5")
+            r["reward_gain"] = None if first is None or last is None else round(last - first, 4)
         entry = {"label": runs[0]["label"], "wall_s": round(sum(r["wall_s"] for r in runs), 1)}
         for key in _NUMBERS:
             entry[key] = spread([r.get(key) for r in runs])
@@ -54,7 +59,7 @@ def plot_seeds(per_seed: dict, out_png: str, *, title: str, smooth: int = 5) -> 
 
     seeds = sorted(per_seed)
     arms = list(per_seed[seeds[0]]["arms"])
-    panels = (("reward (mean sequence score)", (report.REWARD,), 1.0),
+    panels = (("reward gained since the run's first 5 steps", (report.REWARD,), 1.0),
               ("masked (DPPO) or clipped (PPO) tokens (%)", (report.MASKED, report.CLIPFRAC), 100.0))
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 4.5))
     for ax, (name, keys, scale) in zip(axes, panels):
@@ -64,6 +69,9 @@ def plot_seeds(per_seed: dict, out_png: str, *, title: str, smooth: int = 5) -> 
             if not steps:
                 continue
             smoothed = [report.rolling_mean([x[t] * scale for t in steps], smooth) for x in series]
+            if keys == (report.REWARD,):  # seeds start from different warm starts: each run relative to its start
+                smoothed = [[v - sum(x[t] for t in steps[:5]) / len(steps[:5]) for v in row]
+                            for row, x in zip(smoothed, series)]
             mean = [sum(col) / len(col) for col in zip(*smoothed)]
             ax.fill_between(steps, [min(col) for col in zip(*smoothed)], [max(col) for col in zip(*smoothed)],
                             color=f"C{i}", alpha=0.15)
