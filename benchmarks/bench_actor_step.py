@@ -12,7 +12,8 @@ Modes: ``vanilla`` (verl's PPO loss), ``dppo_tv_binary``, ``dppo_tv_topk`` (K = 
 built from the model's own initial logits plus noise, so the divergences are realistic and every row is valid).
 
 Speed: one process per vocabulary builds one verl worker per mode (same seed, same weights), warms each up (the
-first step compiles our op), then runs the modes interleaved, ``--reps`` rounds; the median per mode is reported.
+first step compiles our op), then runs the modes interleaved, ``--reps`` rounds; the ratios are medians over rounds
+of the ratio within a round (:func:`paired_ratio`), the medians per mode and their ratio are reported beside.
 Host syncs: one more Top-K step under ``tests/sync_counter.py``'s ``SyncCounter`` (dppo_verl's own syncs only),
 divided by the number of micro-batches; not timed (the dispatch mode slows every op down).
 Memory: a fresh process per mode with glibc's mmap threshold pinned at 64 KiB (freed temporaries go back to the
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,11 +53,13 @@ MODES = ("vanilla", "dppo_tv_binary", "dppo_tv_topk")
 K = 20
 V_FULL, V_SMALL = 151936, 512
 # name -> (samples, prompt length, response length, samples per micro-batch, timed rounds at the full and at the
-# small vocabulary, vocabularies). A small-vocabulary round costs ~0.1 s: many of them, so that a 5% difference of
-# pure overhead is resolved on shared cores (3 rounds there swung binary/vanilla between 0.95 and 1.47).
+# small vocabulary, vocabularies[, modes whose peak memory is measured]). A small-vocabulary round costs ~0.5 s: many
+# of them, so that a 5% difference of pure overhead is resolved on shared cores (3 rounds there swung binary/vanilla
+# between 0.95 and 1.47; 21 rounds gave Top-K/binary 1.08 and 1.20 in two runs). --quick fits in 3 minutes on 2 cores.
 PRESETS = {
     "full": dict(samples=12, prompt=16, response=240, micro=3, reps=5, reps_small=31, vocabs=(V_FULL, V_SMALL)),
-    "quick": dict(samples=4, prompt=16, response=128, micro=2, reps=5, reps_small=21, vocabs=(V_FULL, V_SMALL)),
+    "quick": dict(samples=4, prompt=16, response=128, micro=2, reps=4, reps_small=61, vocabs=(V_FULL, V_SMALL),
+                  mem_modes=MODES[1:]),
     "smoke": dict(samples=2, prompt=4, response=8, micro=1, reps=1, reps_small=1, vocabs=(2048, 256)),
 }
 # Head rows the tokenizer does not cover (never sampled by verl's vLLM server: ops.sampled_vocab): Qwen2.5/Qwen3 pad
@@ -180,20 +184,29 @@ def vocab_of(model_dir: str) -> int:
 def _time_one(model_dir: str, p: dict) -> dict:
     from sync_counter import SyncCounter
 
+    t0, v = time.time(), vocab_of(model_dir)
     samples = torch.load(os.path.join(model_dir, "samples.pt"))
     workers = {m: make_worker(model_dir, m, len(samples), p["micro"]) for m in MODES}
+    _progress(t0, f"V = {v}: {len(MODES)} verl workers built; warm-up step per mode (compiles our op)")
     warmup = {m: step(workers[m], samples, m) for m in MODES}  # includes torch.compile of our op
+    # Every object alive now (verl, torch, inductor, the workers) leaves the collector's view: the gc.collect()
+    # before each timed step (so that no collection pause lands inside one) then costs ms, not ~0.6 s per call.
+    gc.collect()
+    gc.freeze()
     times = {m: [] for m in MODES}
-    reps = p["reps"] if vocab_of(model_dir) == max(p["vocabs"]) else p["reps_small"]
+    reps = p["reps"] if v == max(p["vocabs"]) else p["reps_small"]
+    _progress(t0, f"V = {v}: {reps} timed rounds")
     for r in range(reps):
         order = MODES if r % 2 == 0 else MODES[::-1]  # alternate the order: no mode always runs after another
         for m in order:
             gc.collect()
             times[m].append(step(workers[m], samples, m))
+    _progress(t0, f"V = {v}: one more Top-K step counting host syncs (slow: every op is intercepted)")
     with SyncCounter() as counter:
         step(workers["dppo_tv_topk"], samples, "dppo_tv_topk")
     micro_batches = len(samples) // p["micro"]
     del workers
+    gc.unfreeze()
     gc.collect()
     return dict(median_s={m: statistics.median(t) for m, t in times.items()}, min_s={m: min(t) for m, t in times.items()},
                 times_s=times, warmup_s=warmup,
@@ -228,8 +241,24 @@ def _parse(cmd: list, res: subprocess.CompletedProcess) -> dict:
 
 
 def _child(args: list) -> dict:
+    """Run one measuring process; its progress lines (``_PROGRESS`` on stderr) are passed on live, the rest of its
+    stderr (verl's and transformers' logs) is kept for the error report only."""
     cmd = _cmd(args)
-    return _parse(cmd, subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT))
+    pr = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    err = []
+
+    def forward() -> None:
+        for line in pr.stderr:
+            err.append(line)
+            if line.startswith(_PROGRESS):
+                print(line, end="", file=sys.stderr, flush=True)
+
+    reader = threading.Thread(target=forward, daemon=True)
+    reader.start()
+    out = pr.stdout.read()
+    pr.wait()
+    reader.join()
+    return _parse(cmd, subprocess.CompletedProcess(cmd, pr.returncode, out, "".join(err)))
 
 
 def _children_concurrently(arg_lists: list, env: dict) -> list:
@@ -246,33 +275,59 @@ def _children_concurrently(arg_lists: list, env: dict) -> list:
 
 def bench(workdir: str, preset: str, p: dict, threads: int, memory: bool) -> dict:
     """Timing of both vocabularies in one process first (alone on the cores), then memory per mode at full V."""
+    t0 = time.time()
+    _progress(t0, f"building the tiny models and batches (V = {', '.join(map(str, p['vocabs']))})")
     dirs = [build_inputs(workdir, v, p) for v in p["vocabs"]]
     common = ["--preset", preset, "--threads", str(threads)]
+    _progress(t0, f"timing {', '.join(MODES)} interleaved ({p['reps']} rounds at V = {p['vocabs'][0]}, "
+                  f"{p['reps_small']} at V = {p['vocabs'][1]}) in one process")
     timing = _child(["--time-in", *dirs, *common])
     per_vocab = {v: dict(V=v, timing=timing[str(v)]) for v in p["vocabs"]}
     per_vocab["gemm_flops_per_s"] = timing["gemm_flops_per_s"]
     if memory:
-        mems = _children_concurrently([["--mem-in", dirs[0], "--mode", m, *common] for m in MODES], _HONEST_MALLOC)
-        per_vocab[p["vocabs"][0]]["memory"] = dict(zip(MODES, mems))
+        _progress(t0, f"peak memory per mode at V = {p['vocabs'][0]} (one fresh process each)")
+        modes = p.get("mem_modes", MODES)  # --quick: the two DPPO modes only (one process per core)
+        mems = _children_concurrently([["--mem-in", dirs[0], "--mode", m, *common] for m in modes], _HONEST_MALLOC)
+        per_vocab[p["vocabs"][0]]["memory"] = dict(zip(modes, mems))
+    _progress(t0, "done")
     return per_vocab
+
+
+_PROGRESS = "[bench_actor_step"
+
+
+def _progress(t0: float, msg: str) -> None:
+    print(f"{_PROGRESS} +{time.time() - t0:.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def paired_ratio(times: dict, mode: str, base: str) -> float:
+    """Median over rounds of ``t[mode] / t[base]`` within each round. The modes of one round run back to back, so a
+    phase of other load on the shared cores slows both alike; per-mode times are bimodal here (fast and slow phases
+    of the machine, up to 1.6x apart), and their medians' ratio swung between 1.09 and 1.23 over three runs of the
+    same code at V = 512."""
+    return statistics.median(a / b for a, b in zip(times[mode], times[base]))
 
 
 def summarize(per_vocab: dict, v_full: int, v_small: int) -> dict:
     full, small = per_vocab[v_full], per_vocab[v_small]
-    med, med_s = full["timing"]["median_s"], small["timing"]["median_s"]
-    line = dict(topk_over_binary=med["dppo_tv_topk"] / med["dppo_tv_binary"],
-                topk_over_binary_small_vocab=med_s["dppo_tv_topk"] / med_s["dppo_tv_binary"],
-                binary_over_vanilla=med["dppo_tv_binary"] / med["vanilla"],
-                binary_over_vanilla_small_vocab=med_s["dppo_tv_binary"] / med_s["vanilla"],
+    t, t_s = full["timing"]["times_s"], small["timing"]["times_s"]
+    line = dict(topk_over_binary=paired_ratio(t, "dppo_tv_topk", "dppo_tv_binary"),
+                topk_over_binary_small_vocab=paired_ratio(t_s, "dppo_tv_topk", "dppo_tv_binary"),
+                binary_over_vanilla=paired_ratio(t, "dppo_tv_binary", "vanilla"),
+                binary_over_vanilla_small_vocab=paired_ratio(t_s, "dppo_tv_binary", "vanilla"),
                 host_syncs_per_microbatch=full["timing"]["host_syncs_per_microbatch"])
+    med, med_s = full["timing"]["median_s"], small["timing"]["median_s"]  # reported beside, as a check
+    line.update(topk_over_binary_ratio_of_medians=med["dppo_tv_topk"] / med["dppo_tv_binary"],
+                topk_over_binary_small_vocab_ratio_of_medians=med_s["dppo_tv_topk"] / med_s["dppo_tv_binary"])
     # the fastest round per mode: less sensitive to other processes on shared cores (a check on the medians)
     lo, lo_s = full["timing"]["min_s"], small["timing"]["min_s"]
     line.update(topk_over_binary_min=lo["dppo_tv_topk"] / lo["dppo_tv_binary"],
                 topk_over_binary_small_vocab_min=lo_s["dppo_tv_topk"] / lo_s["dppo_tv_binary"])
     if "memory" in full:
-        mem = {m: full["memory"][m]["step_peak_rise_mib"] for m in MODES}
+        mem = {m: r["step_peak_rise_mib"] for m, r in full["memory"].items()}
         line["peak_mem_topk_over_binary"] = mem["dppo_tv_topk"] / max(mem["dppo_tv_binary"], 1e-3)
-        line["peak_mem_binary_over_vanilla"] = mem["dppo_tv_binary"] / max(mem["vanilla"], 1e-3)
+        if "vanilla" in mem:
+            line["peak_mem_binary_over_vanilla"] = mem["dppo_tv_binary"] / max(mem["vanilla"], 1e-3)
     return {k: round(v, 4) for k, v in line.items()}
 
 

@@ -40,3 +40,13 @@ def test_bench_actor_step_smoke(tmp_path):
     for stat in ("median", "fastest"):
         assert set(est[stat]["us_per_token"]) == set(MODES)
         assert all(math.isfinite(v) for v in est[stat]["est_overhead_vs_qwen3_8b_step"].values())
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    """Rounds where the machine was slow for every mode (round 2) do not tilt the ratio; the medians' ratio would."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_actor_step import paired_ratio
+
+    times = {"a": [1.0, 2.0, 1.2, 1.1, 2.2], "b": [0.9, 1.9, 1.0, 1.0, 2.0]}
+    # per round: 1.111, 1.0526, 1.2, 1.1, 1.1 -> median 1.1 (medians 1.2 / 1.0 = 1.2)
+    assert paired_ratio(times, "a", "b") == pytest.approx(1.1, abs=1e-12)

@@ -60,6 +60,27 @@ def test_duplicates_and_padding_do_not_count():
     _build(*_case([0.6, 0.3, 0.0, 0.0]))  # -inf padded ranks (fewer than K candidates)
 
 
+def test_duplicate_ranks_match_a_first_occurrence_loop():
+    """The sort-based duplicate flags against the obvious loop: a rank is a duplicate when its id occurred at a lower
+    real rank; triples, gaps of padded ranks, padded ranks sharing an id, every row of a [2, 3, K] batch."""
+    from dppo_verl.ops.support import _duplicate_ranks
+
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 2, 5, 20):
+        ids = torch.randint(0, 4, (2, 3, k), generator=g)  # 4 ids over up to 20 ranks: many repeats
+        real = torch.rand(2, 3, k, generator=g) > 0.3
+        want = torch.zeros_like(real)
+        for row in range(6):
+            seen = set()
+            for j in range(k):
+                i = ids.view(6, k)[row, j].item()
+                want.view(6, k)[row, j] = i in seen
+                if real.view(6, k)[row, j]:
+                    seen.add(i)
+        got = _duplicate_ranks(ids, real)
+        assert torch.equal(got & real, want & real), (k, ids, real)
+
+
 def test_positive_logprobs_are_refused_by_key():
     a, mu_a, tids, logp = _case([0.5, 0.3, 0.1])
     logp[0, 2] = 0.01

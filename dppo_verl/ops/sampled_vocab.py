@@ -83,10 +83,11 @@ def _banned_index(banned: tuple, device: str) -> torch.Tensor:
 def _local_lse(logits: torch.Tensor, tail: slice, banned: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """``log sum_{E local} exp(scale * z)`` ``[N]`` over the narrow excluded columns only (fp32; -inf when none)."""
     parts = [logits[:, tail]] + ([logits.index_select(1, banned)] if banned is not None else [])
-    cols = torch.cat(parts, dim=1).float()  # [N, |E_local|]: the narrow columns, never the whole shard
+    # [N, |E_local|]: the narrow columns, never the whole shard (a view of the tail when nothing else is banned)
+    cols = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).float()
     if cols.shape[1] == 0:
         return torch.full((logits.shape[0],), float("-inf"), dtype=torch.float32, device=logits.device)
-    return torch.logsumexp(scale * cols, dim=-1)
+    return torch.logsumexp(cols if scale == 1.0 else scale * cols, dim=-1)
 
 
 def _combine_lse(local: torch.Tensor, tp_group) -> torch.Tensor:

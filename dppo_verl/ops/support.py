@@ -152,14 +152,25 @@ def build_support(
     return sup
 
 
+def _duplicate_ranks(topk_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``[..., K]`` bool: True where the same id occurs at a lower *real* rank (its mass would count twice).
+
+    By one sort per row of the keys ``id * K + rank`` (unique, rank order among equal ids; ranks that are not real
+    get distinct negative keys): a rank is a duplicate when its sorted neighbour below has the same id. O(K log K)
+    per row instead of the ``[..., K, K]`` pairwise comparison (2.6x faster at N = 768, K = 20 on CPU).
+    """
+    k = topk_ids.shape[-1]
+    rank = torch.arange(k, device=topk_ids.device)
+    keys, order = torch.where(real, topk_ids * k + rank, -1 - rank).sort(dim=-1)  # ids < 2^31: no overflow in int64
+    same_id = torch.div(keys, k, rounding_mode="floor")
+    dup_sorted = torch.zeros_like(real)
+    dup_sorted[..., 1:] = (same_id[..., 1:] == same_id[..., :-1]) & (keys[..., 1:] >= 0)
+    return torch.zeros_like(real).scatter_(-1, order, dup_sorted)
+
+
 def _topk_support(sampled_ids, sampled_logp, topk_ids, topk_logp, real, row_valid) -> Support:
     """The K + 1 slots from checked-shape inputs; ``real [..., K]``: finite top-K log-prob on a valid row."""
-    k = topk_ids.shape[-1]
-    # A rank is a duplicate when the same id occurs at a lower valid rank: [..., K, K] comparison, K ~ 20.
-    same = (topk_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)) & real.unsqueeze(-2)
-    earlier = torch.ones(k, k, dtype=torch.bool, device=topk_ids.device).tril(-1)  # [i, j]: j < i
-    dup = (same & earlier).any(-1)
-    topk_valid = real & ~dup
+    topk_valid = real & ~_duplicate_ranks(topk_ids, real)
 
     in_topk = ((topk_ids == sampled_ids.unsqueeze(-1)) & topk_valid).any(-1)
     extra_valid = ~in_topk if row_valid is None else (~in_topk & row_valid)
