@@ -18,7 +18,7 @@ from ...contract import ROLLOUT_LOG_PROBS, ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPRO
 
 __all__ = ["jagged_parts", "sequence_lengths", "response_values", "total_rows", "response_rows",
            "packed_support_inputs", "layout_like_logits", "megatron_layout_of", "flat_fields", "logit_slabs",
-           "ResponsePadding", "response_padding", "pad_responses", "pad_model_outputs"]
+           "ResponsePadding", "response_padding", "pad_responses", "pad_model_outputs", "output_rows", "offsets_of"]
 
 
 def jagged_parts(x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -103,13 +103,19 @@ class ResponsePadding(NamedTuple):
     r_lens: torch.Tensor  # [B]
 
 
-def response_padding(data) -> ResponsePadding:
+def response_padding(data, padded: bool = True) -> ResponsePadding:
     """The micro-batch's :class:`ResponsePadding`, computed once and shared by every field the hand-off pads. No device
-    read with verl's nested micro-batches when ``max_response_len`` is set (verl's engine path sets it)."""
+    read with verl's nested micro-batches when ``max_response_len`` is set (verl's engine path sets it).
+    ``padded=False``: only ``full_rows`` and ``r_lens`` (for response-only outputs that stay nested, e.g. verl's pi_old
+    pass): no width, so never the device read that sizing it may take; ``shape`` is ``(B, None)``, ``dst`` None."""
     from verl.utils import tensordict_utils as tu
 
     p_lens, r_lens = sequence_lengths(data)
     n, r_total = total_rows(data)
+    seq_ends = (p_lens + r_lens).cumsum(0)
+    full_rows = response_rows(seq_ends - r_lens - 1, r_lens, r_total)
+    if not padded:
+        return ResponsePadding((len(r_lens), None), None, full_rows, r_lens)
     responses = jagged_parts(data["responses"])
     if responses is None:
         width = data["responses"].shape[1]  # dense legacy layout: verl keeps the padded width
@@ -119,10 +125,23 @@ def response_padding(data) -> ResponsePadding:
             cached = getattr(data["responses"], "_maybe_max_seqlen", None)
             width = int(r_lens.max()) if cached is None else cached
     width, b = int(width), len(r_lens)
-    seq_ends = (p_lens + r_lens).cumsum(0)
     dst = response_rows(torch.arange(b, device=r_lens.device) * width, r_lens, r_total)
-    full_rows = response_rows(seq_ends - r_lens - 1, r_lens, r_total)
     return ResponsePadding((b, width), dst, full_rows, r_lens)
+
+
+def output_rows(pad: ResponsePadding, x: torch.Tensor) -> torch.Tensor:
+    """A per-row model output over the full sequences (nested ``[B, S_b, ...]`` or packed ``[N, ...]``) -> its
+    response rows ``[R, ...]``, in sample order (one gather)."""
+    parts = jagged_parts(x)
+    full = x if parts is None else parts[0]
+    return full[pad.full_rows.to(full.device)]
+
+
+def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
+    """``[B]`` lengths -> ``[B + 1]`` jagged offsets (0, cumulative sums), on the lengths' device."""
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=lengths.device)
+    offsets[1:] = lengths.cumsum(0)
+    return offsets
 
 
 def pad_responses(pad: ResponsePadding, values: torch.Tensor) -> torch.Tensor:
@@ -144,8 +163,7 @@ def pad_model_outputs(pad: ResponsePadding, outputs: dict) -> dict:
     padded = {}
     for dtype in {v.dtype for v in flat.values()}:
         keys = [k for k, v in flat.items() if v.dtype == dtype]
-        stacked = torch.stack([flat[k] for k in keys], -1)  # [N, F]
-        rows = pad_responses(pad, stacked[pad.full_rows.to(stacked.device)])  # [B, T, F]
+        rows = pad_responses(pad, output_rows(pad, torch.stack([flat[k] for k in keys], -1)))  # [N, F] -> [B, T, F]
         padded.update(zip(keys, rows.unbind(-1)))
     return {k: padded[k] for k in outputs}
 
@@ -169,8 +187,7 @@ def packed_support_inputs(data, num_topk: int, checks=None, extra=()) -> dict[st
     p_lens, r_lens = sequence_lengths(data)
     n, r_total = total_rows(data)
     seq_lens = p_lens + r_lens
-    offsets = torch.zeros(len(seq_lens) + 1, dtype=torch.long, device=seq_lens.device)
-    offsets[1:] = seq_lens.cumsum(0)
+    offsets = offsets_of(seq_lens)
     # row of response token j of sample b: offsets[b] + P_b - 1 + j
     rows = response_rows(offsets[:-1] + p_lens - 1, r_lens, r_total)  # [sum R]
 

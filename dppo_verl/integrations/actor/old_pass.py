@@ -76,38 +76,29 @@ def _processor(model_output=None, data=None, dp_group=None, student_logits=None,
     return {OUT_DIVERGENCE: out[OUT_DIVERGENCE]}
 
 
-def _response_values(x, pad) -> torch.Tensor:
-    """A per-row output nested over the full sequences ``[B, S_b, ...]`` -> its response rows ``[R, ...]``."""
-    from .layout import jagged_parts
-
-    parts = jagged_parts(x)
-    full = x if parts is None else parts[0]
-    return full[pad.full_rows.to(full.device)]
-
-
 def _nested_responses(values: torch.Tensor, pad) -> torch.Tensor:
-    offsets = torch.zeros(len(pad.r_lens) + 1, dtype=torch.long, device=values.device)
-    offsets[1:] = pad.r_lens.to(values.device).cumsum(0)
-    return torch.nested.nested_tensor_from_jagged(values.float(), offsets)
+    from .layout import offsets_of
+
+    return torch.nested.nested_tensor_from_jagged(values.float(), offsets_of(pad.r_lens.to(values.device)))
 
 
 def _add_fields(out, data, parsed, knobs) -> None:
     """The pass's outputs -> ``old_topk_logprobs`` / ``dppo_start_divergence`` (module docstring), response-only."""
     from ...ops.divergence import get_divergence
-    from .layout import response_padding, response_values
+    from .layout import output_rows, response_padding, response_values
 
-    pad = response_padding(data)
+    pad = response_padding(data, padded=False)  # the fields stay nested: no padded width
     if knobs.anchor == "old":
         if parsed.is_topk:
-            ranks = [_response_values(out.pop(f"{OUT_OLD_TOPK_PREFIX}{k}"), pad) for k in range(knobs.num_topk)]
+            ranks = [output_rows(pad, out.pop(f"{OUT_OLD_TOPK_PREFIX}{k}")) for k in range(knobs.num_topk)]
             out[OLD_TOPK_LOGPROBS] = _nested_responses(torch.stack(ranks, -1), pad)  # [R, K]
         start = torch.zeros(int(pad.full_rows.numel()), device=pad.full_rows.device)
     elif parsed.is_topk:
-        start = _response_values(out.pop(OUT_DIVERGENCE), pad)
+        start = output_rows(pad, out.pop(OUT_DIVERGENCE))
     elif ROLLOUT_LOG_PROBS in data.keys():
-        old = _response_values(out["log_probs"], pad).float()  # [R] verl's log pi_old(a_t), full head
+        old = output_rows(pad, out["log_probs"]).float()  # [R] verl's log pi_old(a_t), full head
         if OUT_EXCLUDED in out.keys():  # over the samplable ids, like mu: log pi_A = log pi - log(1 - m)
-            log_m = _response_values(out.pop(OUT_EXCLUDED), pad).float() + old
+            log_m = output_rows(pad, out.pop(OUT_EXCLUDED)).float() + old
             old = old - log_kept_mass(log_m)
         mu = response_values(ROLLOUT_LOG_PROBS, data[ROLLOUT_LOG_PROBS], pad.r_lens).float().to(old.device)
         start = get_divergence(knobs.divergence).fn(old.unsqueeze(-1), mu.unsqueeze(-1))
