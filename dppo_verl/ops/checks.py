@@ -62,16 +62,20 @@ class DeferredChecks:
         """Read every flag and ``values`` (a 1-D float tensor, e.g. stacked metrics) in ONE device read; raise for
         the first check that fails, else return ``values`` as a list (``[]`` for None)."""
         dev = values.device if values is not None else (self._items[0][0].device if self._items else None)
-        parts = [torch.stack([bad.any().to(dev) for bad, _ in self._items]).float()] if self._items else []
+        # All flags in one reduction (one `any` over their concatenation, not one per flag: ~20 small ops fewer
+        # per micro-batch); which check failed is sorted out on the error path only.
+        parts = [torch.cat([bad.reshape(-1).to(dev) for bad, _ in self._items]).any().reshape(1).float()] \
+            if self._items else []
         if values is not None:
             parts.append(values.float())
         if not parts:
             return []
         got = torch.cat(parts).tolist()  # the one device read
-        flags, rest = got[: len(self._items)], got[len(self._items):]
-        for (bad, describe), hit in zip(self._items, flags):
-            if hit:
-                raise ValueError(describe(bad.nonzero()[0].tolist()))
+        failed, rest = (got[0] if self._items else 0.0), got[1:] if self._items else got
+        if failed:
+            for bad, describe in self._items:
+                if bool(bad.any()):
+                    raise ValueError(describe(bad.nonzero()[0].tolist()))
         return rest
 
 
