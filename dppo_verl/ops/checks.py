@@ -71,8 +71,9 @@ class DeferredChecks:
         if not parts:
             return []
         got = torch.cat(parts).tolist()  # the one device read
-        failed, rest = (got[0] if self._items else 0.0), got[1:] if self._items else got
-        if failed:
+        n_flags = 1 if self._items else 0
+        failed, rest = got[:n_flags], got[n_flags:]
+        if any(failed):
             for bad, describe in self._items:
                 if bool(bad.any()):
                     raise ValueError(describe(bad.nonzero()[0].tolist()))
