@@ -32,13 +32,13 @@ def topk_row_status(sup: Support, sampled_logp: torch.Tensor, row_valid: torch.T
     ``log mu(a_t)`` ``[...]``: :data:`VALID`, :data:`MISSING` (no valid top-K slot; also every row outside the
     response, ``row_valid`` False) or :data:`MISMATCH` (``a_t`` in its top-K with another log-prob)."""
     k = sup.valid.shape[-1] - 1  # the last slot is the appended sampled token
-    in_row = sup.is_sampled[..., :k]  # at most one True: duplicates were invalidated by build_support
-    topk_mu = torch.where(in_row, sup.mu_logp[..., :k], 0.0).sum(-1)
+    # mu at a_t's one slot (duplicates were invalidated by build_support): its top-K rank, or the appended slot, whose
+    # mu *is* rollout_log_probs (never off): one masked sum over all M slots instead of slicing out the top-K ranks
+    at_mu = torch.where(sup.is_sampled, sup.mu_logp, 0.0).sum(-1)
     mu = sampled_logp.float()
-    off = (topk_mu - mu).abs() > TOPK_MU_ATOL + TOPK_MU_RTOL * mu.abs()
-    code = torch.where(in_row.any(-1) & off, MISMATCH, VALID)
-    code = torch.where(sup.valid[..., :k].any(-1), code, MISSING)
-    return torch.where(row_valid.bool(), code, MISSING)
+    off = (at_mu - mu).abs() > TOPK_MU_ATOL + TOPK_MU_RTOL * mu.abs()
+    has_topk = sup.valid[..., :k].any(-1) & row_valid.bool()  # no valid slot at all off the response
+    return torch.where(has_topk, torch.where(off, MISMATCH, VALID), MISSING)
 
 
 def describe_status(code: float) -> str:

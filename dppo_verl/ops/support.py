@@ -20,6 +20,7 @@ the device and read back once per call (:class:`dppo_verl.ops.checks.DeferredChe
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -57,6 +58,25 @@ def _positive_flags(checks: DeferredChecks, name: str, logp: torch.Tensor, where
     checks.add(bad, lambda idx: (
         f"{name} (shape {list(logp.shape)}) has a log-probability above {LOGP_TOL} (p > 1) at index {idx}: "
         f"{logp[tuple(idx)].item()!r}; these are not log-probabilities (raw logits?)"))
+
+
+def _logprob_flags(checks: DeferredChecks, name: str, logp: torch.Tensor, where: Optional[torch.Tensor]) -> None:
+    """Queue both log-prob checks (NaN/+inf, then p > 1) as ONE flag: NaN fails every comparison and +inf exceeds
+    LOGP_TOL, so ``isnan | > LOGP_TOL`` covers both in 3 small ops instead of 6 (per-op dispatch is what these
+    ``[N, K]`` checks cost). The error path runs the two checks apart, in that order, for the message."""
+
+    def describe(_idx: list[int]) -> str:
+        one = DeferredChecks()
+        nonfinite_logprob_flags(one, name, logp, where)
+        _positive_flags(one, name, logp, where)
+        try:
+            one.run()
+        except ValueError as e:
+            return str(e)
+        return f"{name} (shape {list(logp.shape)}) failed the log-probability checks"  # not reached: same flags
+
+    bad = torch.isnan(logp) | (logp > LOGP_TOL)
+    checks.add(bad if where is None else bad & where, describe)
 
 
 def _mass_flags(checks: DeferredChecks, mu: torch.Tensor, valid: torch.Tensor, topk_logp: torch.Tensor) -> None:
@@ -112,8 +132,7 @@ def build_support(
         row_valid = row_valid.bool()
     own = checks is None
     checks = DeferredChecks() if own else checks  # order = precedence of the messages: NaN/+inf, p > 1, ids, mass
-    nonfinite_logprob_flags(checks, ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
-    _positive_flags(checks, ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
+    _logprob_flags(checks, ROLLOUT_LOG_PROBS, sampled_logp, row_valid)
     id_range_flags(checks, "response ids", sampled_ids, vocab_size, row_valid)
     sampled_ids = sampled_ids.long()
 
@@ -138,8 +157,7 @@ def build_support(
             f"set +{ROLLOUT_NUM_TOPK}={num_topk} or policy_loss.num_topk={k}"
         )
     slot_rows = None if row_valid is None else row_valid.unsqueeze(-1)
-    nonfinite_logprob_flags(checks, ROLLOUT_TOPK_LOGPROBS, topk_logp, slot_rows)
-    _positive_flags(checks, ROLLOUT_TOPK_LOGPROBS, topk_logp, slot_rows)
+    _logprob_flags(checks, ROLLOUT_TOPK_LOGPROBS, topk_logp, slot_rows)
     topk_logp = topk_logp.float()
     real = torch.isfinite(topk_logp)
     if slot_rows is not None:
@@ -155,31 +173,36 @@ def build_support(
 def _duplicate_ranks(topk_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """``[..., K]`` bool: True where the same id occurs at a lower *real* rank (its mass would count twice).
 
-    By one sort per row of the keys ``id * K + rank`` (unique, rank order among equal ids; ranks that are not real
-    get distinct negative keys): a rank is a duplicate when its sorted neighbour below has the same id. O(K log K)
-    per row instead of the ``[..., K, K]`` pairwise comparison (2.6x faster at N = 768, K = 20 on CPU).
+    By one stable sort per row of the ids (ranks that are not real get distinct negative stand-ins, below every
+    id): among equal ids the stable order is the rank order, so a rank is a duplicate exactly when its sorted
+    neighbour below holds the same id. O(K log K) per row instead of the ``[..., K, K]`` pairwise comparison (2.6x
+    faster at N = 768, K = 20 on CPU), in 6 small ops.
     """
-    k = topk_ids.shape[-1]
-    rank = torch.arange(k, device=topk_ids.device)
-    keys, order = torch.where(real, topk_ids * k + rank, -1 - rank).sort(dim=-1)  # ids < 2^31: no overflow in int64
-    same_id = torch.div(keys, k, rounding_mode="floor")
+    sorted_ids, order = torch.where(real, topk_ids, _stand_ins(topk_ids.shape[-1], topk_ids.device)).sort(
+        dim=-1, stable=True)
     dup_sorted = torch.zeros_like(real)
-    dup_sorted[..., 1:] = (same_id[..., 1:] == same_id[..., :-1]) & (keys[..., 1:] >= 0)
+    dup_sorted[..., 1:] = sorted_ids[..., 1:] == sorted_ids[..., :-1]
     return torch.zeros_like(real).scatter_(-1, order, dup_sorted)
+
+
+@functools.lru_cache(maxsize=16)
+def _stand_ins(k: int, device: torch.device) -> torch.Tensor:
+    """``[K]`` int64 ``-1, -2, ..., -K``: the sort keys of ranks that are not real (made once per K and device)."""
+    return -1 - torch.arange(k, device=device)
 
 
 def _topk_support(sampled_ids, sampled_logp, topk_ids, topk_logp, real, row_valid) -> Support:
     """The K + 1 slots from checked-shape inputs; ``real [..., K]``: finite top-K log-prob on a valid row."""
+    k = topk_ids.shape[-1]
     topk_valid = real & ~_duplicate_ranks(topk_ids, real)
-
-    in_topk = ((topk_ids == sampled_ids.unsqueeze(-1)) & topk_valid).any(-1)
+    ids = torch.cat([topk_ids, sampled_ids.unsqueeze(-1)], dim=-1)  # [..., K + 1]
+    is_at = ids == sampled_ids.unsqueeze(-1)  # [..., K + 1]: the slots holding a_t's id (the appended one always)
+    in_topk = (is_at[..., :k] & topk_valid).any(-1)
     extra_valid = ~in_topk if row_valid is None else (~in_topk & row_valid)
 
-    valid = torch.cat([topk_valid, extra_valid.unsqueeze(-1)], dim=-1)  # [..., K + 1]
-    ids = torch.cat([topk_ids, sampled_ids.unsqueeze(-1)], dim=-1)
+    valid = torch.cat([topk_valid, extra_valid.unsqueeze(-1)], dim=-1)
     mu = torch.cat([topk_logp, sampled_logp.float().unsqueeze(-1)], dim=-1)
     ids = torch.where(valid, ids, 0)
     mu = mu.masked_fill(~valid, float("-inf"))
     # a_t sits either in its top-K rank or in the appended slot, never both (the appended one is then invalid).
-    is_sampled = valid & (ids == sampled_ids.unsqueeze(-1))
-    return Support(ids, mu, valid, is_sampled)
+    return Support(ids, mu, valid, valid & is_at)

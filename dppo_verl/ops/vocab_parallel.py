@@ -156,7 +156,8 @@ def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, checks: 
 def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes, backend):
     """Step 1 on this shard: local log-sum-exp [N] and, when ``exclude`` is given, q_r [N].
 
-    ``exclude`` [N, M] bool marks the support slots (in this shard) left out of the squared-probability sum.
+    ``exclude`` [N, M] bool marks the support slots (in this shard) left out of the squared-probability sum;
+    ``in_shard`` [N, M] bool, None when unsharded (every id local).
     """
     n, v_local = logits.shape
     if backend != "eager" and exclude is None:
@@ -182,7 +183,9 @@ def _local_pass(logits, local_ids, in_shard, exclude, chunk_bytes, backend):
             # -inf - -inf never makes a NaN (q_r = 0, and its weight exp(2 (l_r - L)) is 0 in the combine anyway).
             shift = torch.where(lse_c == float("-inf"), 0.0, lse_c)
             sq = torch.exp(2.0 * (x - shift.unsqueeze(-1)))  # [c, V_local]
-            drop = exclude[s : s + rows] & in_shard[s : s + rows]  # [c, M]
+            drop = exclude[s : s + rows]  # [c, M]
+            if in_shard is not None:
+                drop = drop & in_shard[s : s + rows]
             # zero the support columns by a multiplicative scatter (x 0 at dropped slots, x 1 elsewhere): a boolean
             # index would read the device to size its result
             sq.scatter_reduce_(1, local_ids[s : s + rows], (~drop).to(sq.dtype), reduce="prod")
@@ -246,6 +249,12 @@ def vocab_parallel_stats(
     lo = rank * v_local
     if backend == "triton":
         lse_r, q_r, gathered = _triton_local_pass(logits, ids, lo, sq_exclude)
+    elif tp == 1:
+        # unsharded: every id is local. Out-of-range ones (queued above, raised at the caller's read) are clamped so
+        # that the gather stays safe until then; 5 small ops fewer per call than the sharded masking.
+        local_ids = ids.clamp(0, v_local - 1)  # [N, M]
+        lse_r, q_r = _local_pass(logits, local_ids, None, sq_exclude, chunk_bytes, backend)
+        gathered = logits.gather(1, local_ids).float()  # [N, M]
     else:
         in_shard = (ids >= lo) & (ids < lo + v_local)  # [N, M]
         local_ids = torch.where(in_shard, ids - lo, 0)  # [N, M]

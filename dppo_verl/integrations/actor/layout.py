@@ -191,11 +191,11 @@ def packed_support_inputs(data, num_topk: int, checks=None, extra=()) -> dict[st
     # row of response token j of sample b: offsets[b] + P_b - 1 + j
     rows = response_rows(offsets[:-1] + p_lens - 1, r_lens, r_total)  # [sum R]
 
-    def values(name, key):
-        return response_values(name, data[key], r_lens, checks)
-
-    ids = values(ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_IDS)
-    logp = values(ROLLOUT_TOPK_LOGPROBS, ROLLOUT_TOPK_LOGPROBS)
+    keys = [ROLLOUT_TOPK_IDS, ROLLOUT_TOPK_LOGPROBS, "responses", ROLLOUT_LOG_PROBS, "response_mask"]
+    keys += [key for _, key, _ in extra if key in data.keys()]
+    vals = dict(zip(keys, _many_response_values(data, keys, r_lens, checks)))
+    ids = vals[ROLLOUT_TOPK_IDS]
+    logp = vals[ROLLOUT_TOPK_LOGPROBS]
     if ids.dim() != 2 or ids.shape[-1] != num_topk or logp.shape != ids.shape:
         raise ValueError(
             f"rollout_topk_ids / rollout_topk_logprobs have per-token shapes {list(ids.shape[1:])} / "
@@ -213,20 +213,33 @@ def packed_support_inputs(data, num_topk: int, checks=None, extra=()) -> dict[st
     rows = rows.to(dev)
     out["topk_ids"][rows] = ids.long()
     out["topk_logp"][rows] = logp.float()
-    out["sampled"][rows] = values("responses", "responses").long()
-    out["mu"][rows] = values(ROLLOUT_LOG_PROBS, ROLLOUT_LOG_PROBS).float()
-    out["row_valid"][rows] = values("response_mask", "response_mask").bool()
+    out["sampled"][rows] = vals["responses"].long()
+    out["mu"][rows] = vals[ROLLOUT_LOG_PROBS].float()
+    out["row_valid"][rows] = vals["response_mask"].bool()
     for name, key, fill in extra:
         if key not in data.keys():
             raise ValueError(
                 f"policy_loss.anchor=old: batch key {key!r} is missing; it is written by verl's pi_old pass (V1 trainer "
                 "with algorithm.rollout_correction.bypass_mode=False; for the Top-K modes the dppo_verl actor "
                 "integration adds the top-K ranks to that pass)")
-        v = values(key, key).float()
+        v = vals[key].float()
         out[name] = torch.full((n,) + tuple(v.shape[1:]), fill, dtype=torch.float32, device=dev)
         out[name][rows] = v
     out["offsets"] = offsets
     return out
+
+
+def _many_response_values(data, keys: list, r_lens: torch.Tensor, checks) -> list:
+    """:func:`response_values` of several batch keys; with verl's nested micro-batches their per-sample lengths are
+    compared with the responses' in one queued flag (not one per key: a few small ops each, per micro-batch)."""
+    parts = [jagged_parts(data[k]) for k in keys]
+    if checks is None or any(p is None or p[1].shape != (len(r_lens) + 1,) for p in parts):
+        return [response_values(k, data[k], r_lens, checks) for k in keys]  # one check per key, exact messages
+    got = torch.stack([p[1] for p in parts]).diff(dim=-1)  # [F, B]
+    checks.add(got != r_lens.to(got.device), lambda idx: (
+        f"{keys[idx[0]]}: per-sample lengths {got[idx[0]].tolist()} differ from the responses' {r_lens.tolist()} "
+        f"(first at sample {idx[1]})"))
+    return [p[0] for p in parts]
 
 
 def megatron_layout_of(data) -> "MegatronLayout":

@@ -47,7 +47,7 @@ def _divergence_outputs(pi_logp, rest_sq, sup, mu, row_valid: torch.Tensor, knob
     the loss reads it with its metrics (one read per micro-batch) and raises there. ``anchor``: the support with
     pi_old's log-probs in place of mu's (``anchor=old``); the rows are still checked on the rollout's own values."""
     fn = get_divergence(knobs.divergence).fn
-    out = {OUT_SUPPORT_SIZE: torch.where(row_valid, sup.size, 0.0),
+    out = {OUT_SUPPORT_SIZE: sup.size,  # already 0 off the response: build_support validates no slot there
            OUT_TOPK_VALID: topk_row_status(sup, mu, row_valid)}
     ref = sup if anchor is None else anchor
     if knobs.direction == "predictive":
@@ -157,7 +157,8 @@ def _laid_inputs(student_logits: torch.Tensor, data, knobs, checks, data_format,
     """The batch's response-only rollout tensors (and ``extra`` fields) laid out like the logits' rows ``[b, s, ...]``."""
     packed = packed_support_inputs(data, knobs.num_topk, checks, extra=extra)
     offsets = packed.pop("offsets")
-    packed["row_valid"] = packed["row_valid"].to(torch.uint8)  # padding helpers pad with 0; bool cannot be padded
+    if data_format is not None:  # Megatron's padding helpers pad with 0; bool cannot be padded
+        packed["row_valid"] = packed["row_valid"].to(torch.uint8)
     megatron = None if data_format is None else megatron_layout_of(data)
     laid = {k: layout_like_logits(v, offsets, data_format, megatron) for k, v in packed.items()}
     lead = tuple(student_logits.shape[:-1])
@@ -202,4 +203,6 @@ def _all_rows(student_logits: torch.Tensor, laid: dict, knobs, tp_group, vocab: 
         sup = build_support(part["sampled"], part["mu"], part["topk_ids"], part["topk_logp"], vocab_size=vocab,
                             num_topk=knobs.num_topk, row_valid=row_valid, checks=checks)
         rows.append(_row_outputs(logits, sup, part, row_valid, knobs, tp_group, checks, sampled_ids))
+    if len(rows) == 1:
+        return {key: v.view(lead) for key, v in rows[0].items()}
     return {key: torch.stack([r[key] for r in rows]).view(lead) for key in rows[0]}
