@@ -135,6 +135,20 @@ def test_nan_and_posinf_still_refused_and_padded_rows_ignored():
     assert not bool(sup.valid[1].any())
 
 
+def test_nan_is_named_before_p_above_one_wherever_it_sits():
+    """NaN/+inf and p > 1 ride in one flag per tensor; the message keeps their precedence (NaN/+inf first, at its own
+    index) even when a p > 1 value comes earlier in the tensor."""
+    a, mu_a, tids, logp = _case([0.5, 0.3, 0.1])
+    a, mu_a, tids, logp = (torch.cat([x, x]) for x in (a, mu_a, tids, logp))
+    logp[0, 2] = 0.5  # p > 1 first
+    logp[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^rollout_topk_logprobs \(shape \[2, 3\]\) has NaN/\+inf .*index \[1, 2\]: nan"):
+        _build(a, mu_a, tids, logp)
+    logp[1, 2] = math.log(0.1)
+    with pytest.raises(ValueError, match=r"^rollout_topk_logprobs .* above 0\.0001 \(p > 1\) at index \[0, 2\]: 0\.5"):
+        _build(a, mu_a, tids, logp)
+
+
 def test_id_range_is_checked_in_the_same_pass():
     a, mu_a, tids, logp = _case([0.5, 0.3, 0.1])
     tids[0, 1] = V

@@ -101,3 +101,18 @@ def test_ids_out_of_range_and_nan_topk_logprobs():
     _ppo_loss()(cfg, student_logits=logits, data=data)
     with pytest.raises(ValueError, match="rollout_topk_logprobs .* NaN"):
         take_hook_checks().run()
+
+
+def test_a_rollout_tensor_with_other_lengths_is_named():
+    """The packed keys' per-sample lengths are checked in one queued flag; the message still names the key whose
+    lengths differ from the responses', with both length lists."""
+    data, truth = make_topk_batch(PROMPTS, RESPS, V, K)
+    logits = truth["pi_logits"].float().unsqueeze(0)
+    cfg = make_actor_config(DPPOPolicyLossConfig(loss_mode="dppo_tv_topk", num_topk=K))
+    vals = data["rollout_log_probs"].values()
+    shifted = torch.tensor([0, RESPS[0] + 1, RESPS[0] + RESPS[1], sum(RESPS)])  # one token moved to sample 1
+    data["rollout_log_probs"] = torch.nested.nested_tensor_from_jagged(vals, shifted)
+    _ppo_loss()(cfg, student_logits=logits, data=data)
+    with pytest.raises(ValueError, match=r"^rollout_log_probs: per-sample lengths \[5, 1, 6\] differ from the "
+                                         r"responses' \[4, 2, 6\] \(first at sample 0\)"):
+        take_hook_checks().run()
