@@ -164,6 +164,25 @@ def test_bad_inputs():
         vocab_parallel_logprobs(bad, ids)
 
 
+def test_ids_checked_skips_only_the_range_flag():
+    """``ids_checked``: the caller queued the ids' range check (the Top-K hook, through build_support); the op does
+    not queue it again, still checks its log-sum-exp, and an out-of-range id never faults the gather."""
+    from dppo_verl.ops.checks import DeferredChecks
+
+    logits, ids = _case(torch.float32, 1)
+    checks = DeferredChecks()
+    got = vocab_parallel_stats(logits, ids, checks=checks, ids_checked=True).logp
+    assert len(checks) == 1  # the finite log-sum-exp check only
+    checks.run()
+    err = (got.double() - ref.logprobs_at(logits, ids)).abs()
+    assert bool((err <= _tolerance(logits)).all())
+    bad = ids.clone()
+    bad[0, 0] = logits.shape[1] + 5
+    vocab_parallel_stats(logits, bad, checks=DeferredChecks(), ids_checked=True)  # no IndexError
+    with pytest.raises(ValueError, match="out of range"):
+        vocab_parallel_stats(logits, bad)
+
+
 def test_no_grad_and_forward_only():
     logits = torch.randn(3, 50, requires_grad=True)
     out = vocab_parallel_logprobs(logits, torch.zeros(3, 1, dtype=torch.long))

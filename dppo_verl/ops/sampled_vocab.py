@@ -122,8 +122,12 @@ def excluded_stats(logits: torch.Tensor, labels: torch.Tensor, ids: SampledIds, 
     local = [_local_lse(logits, tail, banned, 1.0)] + ([_local_lse(logits, tail, banned, 2.0)] if squares else [])
     lse = torch.stack(local, dim=-1)  # [N, 1 or 2]
     labels = labels.long()
-    in_shard = (labels >= lo) & (labels < lo + v_local)
-    z = torch.where(in_shard, logits.gather(1, torch.where(in_shard, labels - lo, 0).unsqueeze(-1))[:, 0].float(), 0.0)
+    if tp == 1:  # unsharded: clamped only to keep the gather safe (the callers validate the labels)
+        z = logits.gather(1, labels.clamp(0, v_local - 1).unsqueeze(-1))[:, 0].float()
+    else:
+        in_shard = (labels >= lo) & (labels < lo + v_local)
+        z = torch.where(in_shard, logits.gather(1, torch.where(in_shard, labels - lo, 0).unsqueeze(-1))[:, 0].float(),
+                        0.0)
     if tp > 1:
         lse = _combine_lse(lse, tp_group)
         dist.all_reduce(z, op=dist.ReduceOp.SUM, group=tp_group)

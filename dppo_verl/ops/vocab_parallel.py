@@ -138,7 +138,7 @@ def _chunk_rows(v_local: int, chunk_bytes: Optional[int], device: torch.device) 
     return max(1, int(chunk_bytes) // (v_local * 4 * _TEMPS_PER_ELEMENT))
 
 
-def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, checks: DeferredChecks) -> None:
+def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, checks: Optional[DeferredChecks]) -> None:
     """Host-side shape/dtype checks now; the id range is queued on ``checks`` (read with the caller's one read).
     Out-of-range ids are safe until then: they never count as in-shard, so nothing is gathered at them."""
     check_shape("logits", logits, [None, None])
@@ -147,7 +147,7 @@ def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, checks: 
     check_shape("ids", ids, [logits.shape[0], None])
     if ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids must be int32 or int64 global token ids, got dtype {ids.dtype}")
-    if ids.numel():
+    if checks is not None and ids.numel():
         checks.add((ids < 0) | (ids >= vocab_size), lambda idx: (
             f"ids (shape {list(ids.shape)}) out of range [0, {vocab_size}): min {int(ids.min())}, max "
             f"{int(ids.max())}; first at index {idx}: {int(ids[tuple(idx)])}"))
@@ -217,6 +217,7 @@ def vocab_parallel_stats(
     chunk_bytes: Optional[int] = None,
     backend: str = "auto",
     checks: Optional[DeferredChecks] = None,
+    ids_checked: bool = False,
 ) -> VocabParallelStats:
     """log pi at ``ids``, the full-vocabulary logsumexp and (optionally) the predictive statistic.
 
@@ -234,6 +235,8 @@ def vocab_parallel_stats(
             tensors under ``TRITON_INTERPRET=1``; ignores ``chunk_bytes``).
         checks: where to queue the data checks (ids in range, finite log-sum-exp) so that the caller reads them
             with its own flags in one device read; None reads them here (one read) and raises.
+        ids_checked: the caller has already queued the range check of ``ids`` (e.g. the Top-K hook's support from
+            :func:`dppo_verl.ops.support.build_support`): not queued twice. Out-of-range ids stay harmless either way.
 
     Returns:
         :class:`VocabParallelStats` (fp32). Not differentiable: the divergence only drives a mask.
@@ -242,7 +245,7 @@ def vocab_parallel_stats(
     n, v_local = logits.shape if logits.dim() == 2 else (None, None)
     own = checks is None
     checks = DeferredChecks() if own else checks
-    _validate(logits, ids, (v_local or 0) * tp, checks)
+    _validate(logits, ids, (v_local or 0) * tp, None if ids_checked else checks)
     if sq_exclude is not None:
         check_shape("sq_exclude", sq_exclude, list(ids.shape))
     ids = ids.long()

@@ -73,7 +73,7 @@ def _row_outputs(logits: torch.Tensor, sup, part: dict, row_valid: torch.Tensor,
     predictive = knobs.direction == "predictive"
     # Q_R = sum_{j not in S} pi_j^2 (predictive) rides in the vocab-parallel SUM (one more float per row).
     st = vocab_parallel_stats(logits, sup.ids, tp_group=tp_group, sq_exclude=sup.valid if predictive else None,
-                              checks=checks)
+                              checks=checks, ids_checked=True)  # build_support queued the ids' range check
     anchor = _old_anchor(sup, part)
     if sampled_ids is None:
         return _divergence_outputs(st.logp, st.rest_sq, sup, part["mu"], row_valid, knobs, anchor)
