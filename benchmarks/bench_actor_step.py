@@ -9,7 +9,9 @@ Qwen2.5/3's 271 padding rows, which verl's vLLM server never samples and the DPP
 ``ops.sampled_vocab``; V = 512: the 400-token test tokenizer), and the rollout samples only covered ids.
 
 Modes: ``vanilla`` (verl's PPO loss), ``dppo_tv_binary``, ``dppo_tv_topk`` (K = 20, synthetic rollout top-K rows
-built from the model's own initial logits plus noise, so the divergences are realistic and every row is valid).
+built from the model's own initial logits plus noise, so the divergences are realistic and every row is valid); at
+the small vocabulary also ``dppo_tv_topk_free_hook``, the Top-K step with a hook that computes nothing: its ratio to
+binary (``topk_floor_over_binary_small_vocab``) is the part of the Top-K overhead that is not the hook's work.
 
 Speed: one process per vocabulary builds one verl worker per mode (same seed, same weights), warms each up (the
 first step compiles our op), then runs the modes interleaved, ``--reps`` rounds; the ratios are medians over rounds
@@ -27,6 +29,7 @@ OS), a warm-up step, then the rise of peak RSS (VmHWM, reset through /proc/self/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -50,6 +53,10 @@ import torch  # noqa: E402
 from bench_vocab_parallel import _HONEST_MALLOC, _commit, _machine, _rss_kib  # noqa: E402
 
 MODES = ("vanilla", "dppo_tv_binary", "dppo_tv_topk")
+# At the small vocabulary only: dppo_tv_topk with a stand-in hook that computes nothing (:func:`_free_hook`). Its
+# ratio to binary is the floor no hook work can remove: verl's own handling of the Top-K inputs and outputs (two more
+# nested batch keys split per micro-batch, more hook outputs packed into nested tensors), our loss's Top-K metrics.
+FREE_HOOK = "dppo_tv_topk_free_hook"
 K = 20
 V_FULL, V_SMALL = 151936, 512
 # name -> (samples, prompt length, response length, samples per micro-batch, timed rounds at the full and at the
@@ -136,10 +143,35 @@ def make_worker(model_dir: str, mode: str, n: int, micro: int):
     return actor_worker(overrides)
 
 
+@contextlib.contextmanager
+def _free_hook():
+    """While active, the Top-K logits hook returns the outputs the loss reads (support of K + 1 slots, divergence 0,
+    every row valid, no excluded mass) without computing anything: what is left of the Top-K step's extra time is not
+    the hook's."""
+    from dppo_verl.contract import OUT_DIVERGENCE, OUT_EXCLUDED, OUT_SUPPORT_SIZE, OUT_TOPK_VALID
+    from dppo_verl.integrations.actor import topk_hook
+
+    def free(student_logits, data, knobs, *, sampled_ids=None, **_):
+        zeros = torch.zeros(student_logits.shape[:-1], dtype=torch.float32, device=student_logits.device)
+        out = {OUT_DIVERGENCE: zeros, OUT_SUPPORT_SIZE: zeros + (K + 1), OUT_TOPK_VALID: zeros + 1.0}
+        if sampled_ids is not None:
+            out[OUT_EXCLUDED] = zeros - 1e4  # log m = g + log pi(a): m = 0
+        return out
+
+    real = topk_hook.topk_outputs
+    topk_hook.topk_outputs = free
+    try:
+        yield
+    finally:
+        topk_hook.topk_outputs = real
+
+
 def step(worker, samples: list, mode: str) -> float:
     """One update_actor call on a fresh TensorDict (verl pops keys from it); returns wall seconds."""
     from verl.utils import tensordict_utils as tu
 
+    free = mode == FREE_HOOK
+    mode = "dppo_tv_topk" if free else mode
     keys = [k for k in samples[0] if mode.endswith("topk") or not k.startswith("rollout_topk")]
     fields = {k: torch.nested.as_nested_tensor([s[k] for s in samples], layout=torch.jagged) for k in keys}
     fields["loss_mask"] = fields["response_mask"]
@@ -147,9 +179,10 @@ def step(worker, samples: list, mode: str) -> float:
     extra = dict(calculate_entropy=False, distillation_use_topk=False, distillation_only=False, global_batch_size=n,
                  mini_batch_size=n, epochs=1, seed=42, dataloader_kwargs={"shuffle": False}, temperature=1.0)
     td = tu.get_tensordict(tensor_dict=fields, non_tensor_dict=extra)
-    t0 = time.perf_counter()
-    out = worker.update_actor(td)
-    dt = time.perf_counter() - t0
+    with _free_hook() if free else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        out = worker.update_actor(td)
+        dt = time.perf_counter() - t0
     if mode.endswith("topk"):  # the Top-K path really ran (support > 1), not a silent binary fallback
         sizes = tu.get(out, "metrics")["actor/dppo/support_size"]
         assert min(sizes if isinstance(sizes, list) else [sizes]) > 1, sizes
@@ -186,18 +219,20 @@ def _time_one(model_dir: str, p: dict) -> dict:
 
     t0, v = time.time(), vocab_of(model_dir)
     samples = torch.load(os.path.join(model_dir, "samples.pt"))
-    workers = {m: make_worker(model_dir, m, len(samples), p["micro"]) for m in MODES}
-    _progress(t0, f"V = {v}: {len(MODES)} verl workers built; warm-up step per mode (compiles our op)")
-    warmup = {m: step(workers[m], samples, m) for m in MODES}  # includes torch.compile of our op
+    modes = MODES if v == max(p["vocabs"]) else MODES + (FREE_HOOK,)
+    workers = {m: make_worker(model_dir, "dppo_tv_topk" if m == FREE_HOOK else m, len(samples), p["micro"])
+               for m in modes}
+    _progress(t0, f"V = {v}: {len(modes)} verl workers built; warm-up step per mode (compiles our op)")
+    warmup = {m: step(workers[m], samples, m) for m in modes}  # includes torch.compile of our op
     # Every object alive now (verl, torch, inductor, the workers) leaves the collector's view: the gc.collect()
     # before each timed step (so that no collection pause lands inside one) then costs ms, not ~0.6 s per call.
     gc.collect()
     gc.freeze()
-    times = {m: [] for m in MODES}
+    times = {m: [] for m in modes}
     reps = p["reps"] if v == max(p["vocabs"]) else p["reps_small"]
     _progress(t0, f"V = {v}: {reps} timed rounds")
     for r in range(reps):
-        order = MODES if r % 2 == 0 else MODES[::-1]  # alternate the order: no mode always runs after another
+        order = modes if r % 2 == 0 else modes[::-1]  # alternate the order: no mode always runs after another
         for m in order:
             gc.collect()
             times[m].append(step(workers[m], samples, m))
@@ -316,6 +351,9 @@ def summarize(per_vocab: dict, v_full: int, v_small: int) -> dict:
                 binary_over_vanilla=paired_ratio(t, "dppo_tv_binary", "vanilla"),
                 binary_over_vanilla_small_vocab=paired_ratio(t_s, "dppo_tv_binary", "vanilla"),
                 host_syncs_per_microbatch=full["timing"]["host_syncs_per_microbatch"])
+    if FREE_HOOK in t_s:  # what no hook work can remove, and the hook's own share (module docstring, FREE_HOOK)
+        line.update(topk_floor_over_binary_small_vocab=paired_ratio(t_s, FREE_HOOK, "dppo_tv_binary"),
+                    topk_over_floor_small_vocab=paired_ratio(t_s, "dppo_tv_topk", FREE_HOOK))
     med, med_s = full["timing"]["median_s"], small["timing"]["median_s"]  # reported beside, as a check
     line.update(topk_over_binary_ratio_of_medians=med["dppo_tv_topk"] / med["dppo_tv_binary"],
                 topk_over_binary_small_vocab_ratio_of_medians=med_s["dppo_tv_topk"] / med_s["dppo_tv_binary"])
@@ -378,7 +416,7 @@ def markdown(doc: dict) -> str:
     tokens = doc["sizes"]["response_tokens"]
     for v, r in doc["results"].items():
         t, mem = r["timing"], r.get("memory", {})
-        for m in MODES:
+        for m in (m for m in MODES + (FREE_HOOK,) if m in t["median_s"]):
             peak = f"{mem[m]['step_peak_rise_mib']:.0f}" if m in mem else "-"
             rows.append(f"| {v} | {m} | {t['median_s'][m]:.2f} | {min(t['times_s'][m]):.2f} | "
                         f"{1e6 * t['median_s'][m] / tokens:.0f} | {peak} |")

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("topk_over_binary", "topk_over_binary_small_vocab", "binary_over_vanilla", "peak_mem_topk_over_binary",
-        "topk_over_binary_min", "topk_over_binary_small_vocab_min")
+        "topk_over_binary_min", "topk_over_binary_small_vocab_min", "topk_floor_over_binary_small_vocab",
+        "topk_over_floor_small_vocab")
 MODES = ("vanilla", "dppo_tv_binary", "dppo_tv_topk")
 
 
@@ -29,6 +30,8 @@ def test_bench_actor_step_smoke(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["commit"] and doc["machine"]["torch"] and doc["sizes"]["response_tokens"] == 16
     assert doc["summary"] == {k: v for k, v in line.items() if k in doc["summary"]}
+    small = doc["results"][str(doc["sizes"]["vocabs"][1])]["timing"]["median_s"]
+    assert small["dppo_tv_topk_free_hook"] > 0  # the floor mode: small vocabulary only
     for vocab, r in doc["results"].items():
         for mode in MODES:
             assert r["timing"]["median_s"][mode] > 0 and len(r["timing"]["times_s"][mode]) == doc["sizes"]["reps"]
