@@ -143,6 +143,11 @@ def make_worker(model_dir: str, mode: str, n: int, micro: int):
     return actor_worker(overrides)
 
 
+def _loss_mode(mode: str) -> str:
+    """The verl loss mode a benchmark mode runs (the free-hook mode is dppo_tv_topk with a stand-in hook)."""
+    return "dppo_tv_topk" if mode == FREE_HOOK else mode
+
+
 @contextlib.contextmanager
 def _free_hook():
     """While active, the Top-K logits hook returns the outputs the loss reads (support of K + 1 slots, divergence 0,
@@ -170,8 +175,7 @@ def step(worker, samples: list, mode: str) -> float:
     """One update_actor call on a fresh TensorDict (verl pops keys from it); returns wall seconds."""
     from verl.utils import tensordict_utils as tu
 
-    free = mode == FREE_HOOK
-    mode = "dppo_tv_topk" if free else mode
+    free, mode = mode == FREE_HOOK, _loss_mode(mode)
     keys = [k for k in samples[0] if mode.endswith("topk") or not k.startswith("rollout_topk")]
     fields = {k: torch.nested.as_nested_tensor([s[k] for s in samples], layout=torch.jagged) for k in keys}
     fields["loss_mask"] = fields["response_mask"]
@@ -220,8 +224,7 @@ def _time_one(model_dir: str, p: dict) -> dict:
     t0, v = time.time(), vocab_of(model_dir)
     samples = torch.load(os.path.join(model_dir, "samples.pt"))
     modes = MODES if v == max(p["vocabs"]) else MODES + (FREE_HOOK,)
-    workers = {m: make_worker(model_dir, "dppo_tv_topk" if m == FREE_HOOK else m, len(samples), p["micro"])
-               for m in modes}
+    workers = {m: make_worker(model_dir, _loss_mode(m), len(samples), p["micro"]) for m in modes}
     _progress(t0, f"V = {v}: {len(modes)} verl workers built; warm-up step per mode (compiles our op)")
     warmup = {m: step(workers[m], samples, m) for m in modes}  # includes torch.compile of our op
     # Every object alive now (verl, torch, inductor, the workers) leaves the collector's view: the gc.collect()

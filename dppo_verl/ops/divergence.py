@@ -113,7 +113,6 @@ def support_probs(logp: torch.Tensor, valid: Optional[torch.Tensor]):
         logp: ``[..., M]`` log-probabilities at the support ids (any float dtype; padding may be -inf).
         valid: ``[..., M]`` bool, False for padded or duplicate slots (their mass goes to the rest bucket).
 
-
     Returns:
         ``(p [..., M], log_p [..., M], rest [...], log_rest [...])``; invalid slots have p = 0, log_p = -inf.
     """

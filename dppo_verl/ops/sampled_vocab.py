@@ -128,7 +128,6 @@ def excluded_stats(logits: torch.Tensor, labels: torch.Tensor, ids: SampledIds, 
         in_shard = (labels >= lo) & (labels < lo + v_local)
         z = torch.where(in_shard, logits.gather(1, torch.where(in_shard, labels - lo, 0).unsqueeze(-1))[:, 0].float(),
                         0.0)
-    if tp > 1:
         lse = _combine_lse(lse, tp_group)
         dist.all_reduce(z, op=dist.ReduceOp.SUM, group=tp_group)
     return ExcludedStats(lse[:, 0], lse[:, 1] if squares else None, z)

@@ -140,7 +140,8 @@ def _chunk_rows(v_local: int, chunk_bytes: Optional[int], device: torch.device) 
 
 def _validate(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, checks: Optional[DeferredChecks]) -> None:
     """Host-side shape/dtype checks now; the id range is queued on ``checks`` (read with the caller's one read).
-    Out-of-range ids are safe until then: they never count as in-shard, so nothing is gathered at them."""
+    Out-of-range ids are safe until then: sharded, they never count as in-shard, so nothing is gathered at them;
+    unsharded, they are clamped into the row before the gather."""
     check_shape("logits", logits, [None, None])
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point (bf16/fp16/fp32), got dtype {logits.dtype}")
