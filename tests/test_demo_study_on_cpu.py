@@ -188,5 +188,40 @@ def test_run_seeds_draws_mean_and_spread(tmp_path, monkeypatch, capsys):
     again = study.combine([str(tmp_path / "study-noise0.2-s6-seed0"), str(tmp_path / "study-noise0.2-s6-seed2")],
                           runs_dir=str(tmp_path / "combined"))
     assert again["arms"]["dppo_topk_old"]["reward_last5"] == summary["arms"]["dppo_topk_old"]["reward_last5"]
-    with pytest.raises(ValueError, match="one study per seed"):
+    with pytest.raises(ValueError, match="'dppo_topk' of seed 0 is in two studies"):
         study.combine([str(tmp_path / "study-noise0.2-s6-seed0")] * 2)
+
+
+def test_combine_merges_arms_run_apart_and_writes_the_table(tmp_path, monkeypatch):
+    """Arms of one seed run in separate studies merge into that seed (in the study's arm order); the seed summary is
+    the one of a single run of every arm; a seed missing an arm is refused; ``summary.md`` holds the README table."""
+    def fake_run_demo(*, loss, run_name, runs_dir, seed, **kw):
+        run_dir = os.path.join(runs_dir, run_name)
+        os.makedirs(run_dir, exist_ok=True)
+        offset = {"dppo_topk": 0.0, "dppo_topk_old": 0.05}[run_name]
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            for step in range(1, 7):
+                f.write(json.dumps({"step": step, "data": {report.REWARD: 0.1 * step + 0.01 * seed + offset * step,
+                                                           report.MASKED: 0.05}}) + "\n")
+        return {"plot": os.path.join(run_dir, f"{run_name}.png"), "wall_s": 2.0}
+
+    monkeypatch.setattr(study, "run_demo", fake_run_demo)
+    monkeypatch.setattr(study, "_ray_stop", lambda: None)
+    both = study.run_seeds(["dppo_topk", "dppo_topk_old"], [0, 1], steps=6, noise=0.0, runs_dir=str(tmp_path / "both"))
+    apart = {}
+    for arm in ("dppo_topk_old", "dppo_topk"):  # run in the reverse of the study's order
+        for seed in (0, 1):
+            apart[arm, seed] = study.run_study([arm], steps=6, noise=0.0, seed=seed, runs_dir=str(tmp_path / arm))
+    dirs = [str(tmp_path / arm / f"study-noise0-s6-seed{seed}") for arm, seed in apart]
+    merged = study.combine(dirs, runs_dir=str(tmp_path / "merged"))
+    assert list(merged["arms"]) == ["dppo_topk", "dppo_topk_old"]
+    for arm in ("dppo_topk", "dppo_topk_old"):
+        for key in ("reward_first5", "reward_last5", "reward_gain"):
+            assert merged["arms"][arm][key] == both["arms"][arm][key], (arm, key)
+    # reward 0.15 t (+0.01 seed) for the old-anchored arm: first 5 steps 0.45, last 5 (steps 2..6) 0.60
+    assert merged["arms"]["dppo_topk_old"]["reward_gain"]["mean"] == pytest.approx(0.15)
+    table = (tmp_path / "merged" / "study-noise0-s6-seeds0_1" / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| arm | reward s0 / s1 |") and len(table) == 4
+    assert table[3].startswith("| DPPO Top-K TV, decoupled (pi_old) | 0.450 -> 0.600 / 0.460 -> 0.610 | +0.150 / +0.150 | **+0.150**")
+    with pytest.raises(ValueError, match=r"arms per seed 0: \['dppo_topk', 'dppo_topk_old'\], 1: \['dppo_topk_old'\]"):
+        study.combine(dirs[:3], runs_dir=str(tmp_path / "short"))

@@ -9,7 +9,7 @@ import os
 
 from . import report
 
-__all__ = ["seed_summary", "plot_seeds", "spread"]
+__all__ = ["seed_summary", "plot_seeds", "spread", "markdown_table"]
 
 _NUMBERS = ("reward_first5", "reward_last5", "reward_gain", "probs_diff_mean", "masked_or_clipped_frac_mean",
             "masked_at_start_frac_mean")
@@ -86,3 +86,27 @@ def plot_seeds(per_seed: dict, out_png: str, *, title: str, smooth: int = 5) -> 
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown_table(summary: dict) -> str:
+    """The README's table of a :func:`seed_summary`: per arm the reward first -> last 5 steps and the gain of each
+    seed, the gain's mean and range, the masked/clipped fraction's mean and range (means over steps), the share of
+    masked tokens already outside delta before the step's first update per seed, and the mean ``|pi - mu|``."""
+    tag = " / ".join(f"s{s}" for s in summary["seeds"])
+    rows = [f"| arm | reward {tag} | gain {tag} | gain mean (range) | masked/clipped mean (range) | "
+            f"masked at start {tag} | mean abs(pi - mu) |", "|---|---|---|---|---|---|---|"]
+    sign = lambda x: "-" if x is None else f"{x:+.3f}"  # noqa: E731
+    for a in summary["arms"].values():
+        first, last = a["reward_first5"]["per_seed"], a["reward_last5"]["per_seed"]
+        reward = " / ".join("-" if f is None or l is None else f"{f:.3f} -> {l:.3f}" for f, l in zip(first, last))
+        g, m, diff = a["reward_gain"], a["masked_or_clipped_frac_mean"], a["probs_diff_mean"]
+        gain_mean = "-" if g["mean"] is None else f"**{g['mean']:+.3f}** ({g['min']:+.3f}..{g['max']:+.3f})"
+        masked = "-" if m["mean"] is None else f"{_pct(m['mean'])} ({_pct(m['min'])}..{_pct(m['max'])})"
+        rows.append(f"| {a['label']} | {reward} | {' / '.join(sign(x) for x in g['per_seed'])} | {gain_mean} | "
+                    f"{masked} | {' / '.join(_pct(x) for x in a['masked_at_start_frac_mean']['per_seed'])} | "
+                    f"{'-' if diff['mean'] is None else format(diff['mean'], '.4f')} |")
+    return "\n".join(rows) + "\n"
