@@ -173,3 +173,8 @@ def test_one_scatter_padding_equals_verls_no_padding_2_padding(max_response_len)
     for b, r in enumerate(r_lens):
         assert torch.equal(lp[b, :r], data["rollout_log_probs"][b]) and not lp[b, r:].any()
     assert tu.get_non_tensor_data(data=data, key="max_response_len", default=-1) in (-1, 9)
+    # the unpadded form (verl's pi_old pass) shares the rows but has no padded layout to scatter into
+    rows_only = response_padding(data, padded=False)
+    assert torch.equal(rows_only.full_rows, pad.full_rows) and rows_only.dst is None
+    with pytest.raises(ValueError, match=r"padded=False"):
+        pad_model_outputs(rows_only, outputs)

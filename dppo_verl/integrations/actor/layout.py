@@ -147,6 +147,9 @@ def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
 def pad_responses(pad: ResponsePadding, values: torch.Tensor) -> torch.Tensor:
     """Packed response values ``[R, ...]`` -> ``[B, T, ...]``, zero-padded, by one scatter (no boolean mask)."""
     b, width = pad.shape
+    if pad.dst is None:  # a programming error, not a data one: say which call made it
+        raise ValueError("pad_responses needs a padded layout: this ResponsePadding came from "
+                         "response_padding(data, padded=False) (full_rows and r_lens only)")
     out = values.new_zeros((b * width,) + tuple(values.shape[1:]))
     out[pad.dst.to(values.device)] = values
     return out.view((b, width) + tuple(values.shape[1:]))
