@@ -316,17 +316,21 @@ def bench(workdir: str, preset: str, p: dict, threads: int, memory: bool) -> dic
     t0 = time.time()
     _progress(t0, f"building the tiny models and batches (V = {', '.join(map(str, p['vocabs']))})")
     dirs = [build_inputs(workdir, v, p) for v in p["vocabs"]]
+    phases = {"build_s": time.time() - t0}  # where --quick's 3 minutes go
     common = ["--preset", preset, "--threads", str(threads)]
     _progress(t0, f"timing {', '.join(MODES)} interleaved ({p['reps']} rounds at V = {p['vocabs'][0]}, "
                   f"{p['reps_small']} at V = {p['vocabs'][1]}) in one process")
     timing = _child(["--time-in", *dirs, *common])
     per_vocab = {v: dict(V=v, timing=timing[str(v)]) for v in p["vocabs"]}
     per_vocab["gemm_flops_per_s"] = timing["gemm_flops_per_s"]
+    phases["timing_s"] = time.time() - t0 - sum(phases.values())
     if memory:
         _progress(t0, f"peak memory per mode at V = {p['vocabs'][0]} (one fresh process each)")
         modes = p.get("mem_modes", MODES)  # --quick: the two DPPO modes only (one process per core)
         mems = _children_concurrently([["--mem-in", dirs[0], "--mode", m, *common] for m in modes], _HONEST_MALLOC)
         per_vocab[p["vocabs"][0]]["memory"] = dict(zip(modes, mems))
+        phases["memory_s"] = time.time() - t0 - sum(phases.values())
+    per_vocab["phases_s"] = {k: round(v, 1) for k, v in phases.items()}
     _progress(t0, "done")
     return per_vocab
 
@@ -465,7 +469,8 @@ def main(argv=None) -> int:
                sizes=dict(p, response_tokens=tokens, K=K, hidden=64, layers=1, modes=MODES),
                results={str(v): r for v, r in per_vocab.items() if isinstance(v, int)},
                gemm_flops_per_s=per_vocab["gemm_flops_per_s"], summary=summarize(per_vocab, v_full, v_small),
-               qwen3_8b_estimate=scaled_estimate(per_vocab, v_full, tokens), wall_s=time.time() - t0)
+               qwen3_8b_estimate=scaled_estimate(per_vocab, v_full, tokens), phases_s=per_vocab["phases_s"],
+               wall_s=time.time() - t0)
     out = a.out or (None if preset != "full" else os.path.join(HERE, "results", "actor_step_cpu.json"))
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -38,6 +38,9 @@ def test_bench_actor_step_smoke(tmp_path):
     full = doc["results"][str(doc["sizes"]["vocabs"][0])]
     for mode in MODES:
         assert full["memory"][mode]["step_peak_rise_mib"] > 0
+    phases = doc["phases_s"]  # where the wall time went, so a slow --quick can be told apart by phase
+    assert set(phases) == {"build_s", "timing_s", "memory_s"} and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= doc["wall_s"] + 0.5  # rounded to 0.1 s each
     est = doc["qwen3_8b_estimate"]
     assert est["gemm_gflops"] > 0 and est["qwen3_8b_step_us_per_token"] > 0
     for stat in ("median", "fastest"):
