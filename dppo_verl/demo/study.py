@@ -230,7 +230,8 @@ def _report_seeds(per_seed: dict, runs_dir: str, *, wall_s: float) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dppo_verl.demo.study", description=__doc__.split("\n")[0])
-    ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS) + ["all"],
+                    help=f"default: {' '.join(DEFAULT_ARMS)}; all: every arm ({' '.join(ARMS)})")
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
                     help="run the study once per seed and draw the mean and spread across them (overrides --seed)")
     ap.add_argument("--steps", type=int, default=24)
@@ -247,6 +248,10 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup-batches", type=int, default=None,
                     help="colocate_async: rollout batches generated ahead of training (more = staler rollouts)")
     a = ap.parse_args(argv)
+    if "all" in a.arms:
+        if len(a.arms) > 1:
+            ap.error("--arms all stands alone")
+        a.arms = list(ARMS)
     if a.replot:
         print(replot(a.replot))
         return
