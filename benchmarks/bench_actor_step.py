@@ -62,10 +62,11 @@ V_FULL, V_SMALL = 151936, 512
 # name -> (samples, prompt length, response length, samples per micro-batch, timed rounds at the full and at the
 # small vocabulary, vocabularies[, modes whose peak memory is measured]). A small-vocabulary round costs ~0.5 s: many
 # of them, so that a 5% difference of pure overhead is resolved on shared cores (3 rounds there swung binary/vanilla
-# between 0.95 and 1.47; 21 rounds gave Top-K/binary 1.08 and 1.20 in two runs). --quick fits in 3 minutes on 2 cores.
+# between 0.95 and 1.47; 21 rounds gave Top-K/binary 1.08 and 1.20 in two runs). --quick fits in 3 minutes on 2 cores:
+# 179.5 s with 4 and 61 rounds (phases_s build 8, timing 139, memory 32), hence 3 and 55 and one sync count.
 PRESETS = {
     "full": dict(samples=12, prompt=16, response=240, micro=3, reps=5, reps_small=31, vocabs=(V_FULL, V_SMALL)),
-    "quick": dict(samples=4, prompt=16, response=128, micro=2, reps=4, reps_small=61, vocabs=(V_FULL, V_SMALL),
+    "quick": dict(samples=4, prompt=16, response=128, micro=2, reps=3, reps_small=55, vocabs=(V_FULL, V_SMALL),
                   mem_modes=MODES[1:]),
     "smoke": dict(samples=2, prompt=4, response=8, micro=1, reps=1, reps_small=1, vocabs=(2048, 256)),
 }
@@ -239,17 +240,19 @@ def _time_one(model_dir: str, p: dict) -> dict:
         for m in order:
             gc.collect()
             times[m].append(step(workers[m], samples, m))
-    _progress(t0, f"V = {v}: one more Top-K step counting host syncs (slow: every op is intercepted)")
-    with SyncCounter() as counter:
-        step(workers["dppo_tv_topk"], samples, "dppo_tv_topk")
-    micro_batches = len(samples) // p["micro"]
+    out = dict(median_s={m: statistics.median(t) for m, t in times.items()}, min_s={m: min(t) for m, t in times.items()},
+               times_s=times, warmup_s=warmup)
+    if v == max(p["vocabs"]):  # the count does not depend on V (no data-dependent read sizes anything by it): once
+        _progress(t0, f"V = {v}: one more Top-K step counting host syncs (slow: every op is intercepted)")
+        with SyncCounter() as counter:
+            step(workers["dppo_tv_topk"], samples, "dppo_tv_topk")
+        micro_batches = len(samples) // p["micro"]
+        out.update(host_syncs=counter.total, host_syncs_where=dict(counter.where), micro_batches=micro_batches,
+                   host_syncs_per_microbatch=counter.total / micro_batches)
     del workers
     gc.unfreeze()
     gc.collect()
-    return dict(median_s={m: statistics.median(t) for m, t in times.items()}, min_s={m: min(t) for m, t in times.items()},
-                times_s=times, warmup_s=warmup,
-                host_syncs=counter.total, host_syncs_where=dict(counter.where), micro_batches=micro_batches,
-                host_syncs_per_microbatch=counter.total / micro_batches)
+    return out
 
 
 def run_memory(model_dir: str, mode: str, p: dict, threads: int) -> dict:
