@@ -171,42 +171,38 @@ def combine(study_dirs: list[str], runs_dir: str = "runs") -> dict:
     """The seed summary and figure of finished one-seed studies (their ``summary.json``), e.g. seeds run apart.
     Studies of the same seed (arms run apart) are merged into one; every seed must end with the same arms, and an arm
     twice in one seed is refused (which run would count?)."""
-    per_seed, source = {}, {}
+    per_seed, steps, noise = {}, set(), set()
     for d in study_dirs:
         with open(os.path.join(d, "summary.json")) as f:
             s = json.load(f)
         for arm in s["arms"].values():  # the metrics next to the summary (the study may have moved)
             arm["metrics"] = os.path.join(d, os.path.basename(os.path.dirname(arm["metrics"])), "metrics.jsonl")
-        seed = s["seed"]
-        if seed not in per_seed:
-            per_seed[seed] = s
+        steps.add(s["steps"])
+        noise.add(s["noise"])
+        if s["seed"] in per_seed:
+            _merge_arms(per_seed[s["seed"]], s)
         else:
-            _merge_arms(per_seed[seed], s, d, source)
-        source.update({(seed, arm): d for arm in s["arms"]})
-    steps = {s["steps"] for s in per_seed.values()}
-    noise = {s["noise"] for s in per_seed.values()}
+            per_seed[s["seed"]] = s
     arm_sets = {seed: set(s["arms"]) for seed, s in per_seed.items()}
     if len(steps) != 1 or len(noise) != 1 or len({frozenset(a) for a in arm_sets.values()}) != 1:
         raise ValueError(f"combine wants one study per seed at the same steps and noise, with the same arms: seeds "
                          f"{sorted(per_seed)}, steps {sorted(steps)}, noise {sorted(noise)}, arms per seed "
                          + ", ".join(f"{seed}: {sorted(a)}" for seed, a in sorted(arm_sets.items())))
     for s in per_seed.values():  # the study's own arm order, whichever run came first
-        s["arms"] = {arm: s["arms"][arm] for arm in sorted(s["arms"], key=lambda a: list(ARMS).index(a))}
+        s["arms"] = {arm: s["arms"][arm] for arm in ARMS if arm in s["arms"]}
     return _report_seeds(per_seed, runs_dir, wall_s=round(sum(s["wall_s"] for s in per_seed.values()), 1))
 
 
-def _merge_arms(into: dict, other: dict, other_dir: str, source: dict) -> None:
-    """Arms of ``other`` (a study of the same seed) into ``into``; an arm in both is refused, naming both studies."""
-    seed = into["seed"]
-    if (other["steps"], other["noise"]) != (into["steps"], into["noise"]):
-        raise ValueError(f"combine: the studies of seed {seed} differ in steps or noise: {into['steps']} / "
-                         f"{into['noise']} and {other['steps']} / {other['noise']} ({other_dir})")
+def _merge_arms(into: dict, other: dict) -> None:
+    """Arms of ``other`` (a study of the same seed) into ``into``; an arm in both is refused, naming both studies
+    (each arm's metrics path lies in its study's directory)."""
+    study_of = lambda entry: os.path.dirname(os.path.dirname(entry["metrics"]))  # noqa: E731
     for arm, entry in other["arms"].items():
         if arm in into["arms"]:
-            raise ValueError(f"combine: arm {arm!r} of seed {seed} is in two studies ({source[(seed, arm)]} and "
-                             f"{other_dir}): keep one")
+            raise ValueError(f"combine: arm {arm!r} of seed {into['seed']} is in two studies "
+                             f"({study_of(into['arms'][arm])} and {study_of(entry)}): keep one")
         into["arms"][arm] = entry
-    into["wall_s"] = into["wall_s"] + other["wall_s"]
+    into["wall_s"] += other["wall_s"]
 
 
 def _report_seeds(per_seed: dict, runs_dir: str, *, wall_s: float) -> dict:
@@ -241,8 +237,9 @@ def main(argv=None) -> None:
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--timeout", type=float, default=900, help="hard limit per arm, seconds")
     ap.add_argument("--replot", metavar="DIR", help="only redraw DIR/study.png from a finished study")
-    ap.add_argument("--combine", nargs="+", metavar="DIR", help="only the seed summary (summary.json, summary.md, study_seeds.png) of finished one-seed studies; "
-                    "studies of the same seed (arms run apart) are merged")
+    ap.add_argument("--combine", nargs="+", metavar="DIR",
+                    help="only the seed summary (summary.json, summary.md, study_seeds.png) of finished one-seed "
+                    "studies; studies of the same seed (arms run apart) are merged")
     ap.add_argument("--trainer", default="sync", choices=["sync", "colocate_async"],
                     help="colocate_async: every arm trains on stale rollouts (verl's V1 asynchronous trainer)")
     ap.add_argument("--warmup-batches", type=int, default=None,
